@@ -1,0 +1,213 @@
+"""Collection of overfitting targets, streamed to disk in safetensors shards.
+
+Shard k holds samples [k·shard_size, (k+1)·shard_size) of the dataset in order. A shard is written to a
+temporary file and renamed, so after a kill every shard on disk is complete: re-running the same call
+skips them and recomputes only the missing ones (no sample lost or repeated). Training reads the shards
+through memory maps, so the collected targets never need to fit in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from .constants import COLLECTION_MANIFEST, SHARD_PATTERN
+from .losses import LossFn
+from .overfit import ForwardFn, overfit_batch
+
+KEYS = ("delta", "scale", "layer_input", "layer_output", "model_output", "loss_before", "index")
+
+
+def collect_deltas(
+    model: nn.Module,
+    layer_name: str,
+    dataset: Dataset,
+    loss_fn: LossFn,
+    output_dir: str | os.PathLike,
+    *,
+    split_batch: Callable[[Any], tuple[Any, torch.Tensor]],
+    forward_fn: ForwardFn,
+    collate_fn: Callable | None = None,
+    to_device: Callable[[Any], Any] = lambda b: b,
+    steps: int = 3,
+    lr: float = 5e-4,
+    optimizer: str = "adam",
+    include_bias: bool = False,
+    batch_size: int = 64,
+    shard_size: int = 4096,
+    progress: bool = True,
+    process_index: int = 0,
+    num_processes: int = 1,
+) -> "DeltaStore | None":
+    """Overfit `layer_name` on every sample of `dataset` and write Δ_s, ρ_s and I(x) to `output_dir`.
+
+    With several processes (accelerate), process i writes shards k with k % num_processes == i and
+    returns None; the caller waits for all processes and then opens the `DeltaStore`.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("The dataset is empty: nothing to overfit.")
+    layer = model.get_submodule(layer_name)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "layer": layer_name,
+        "weight_shape": list(layer.weight.shape),
+        "num_samples": n,
+        "shard_size": shard_size,
+        "overfit": {"steps": steps, "lr": lr, "optimizer": optimizer, "include_bias": include_bias},
+    }
+    mpath = out / COLLECTION_MANIFEST
+    if mpath.exists():
+        old = json.loads(mpath.read_text())
+        if old != manifest:
+            raise ValueError(
+                f"{out} already holds a collection made with other settings ({old}); "
+                "use a new directory or delete it to start over."
+            )
+    elif process_index == 0:
+        _atomic_write_text(mpath, json.dumps(manifest, indent=2))
+    num_shards = math.ceil(n / shard_size)
+    mine = [k for k in range(num_shards) if k % num_processes == process_index]
+    todo = [k for k in mine if not (out / SHARD_PATTERN.format(k)).exists()]
+    shard_len = lambda k: min(shard_size, n - k * shard_size)  # noqa: E731
+    bar = tqdm(total=sum(map(shard_len, mine)), desc="overfitting samples", disable=not progress, unit="sample")
+    bar.update(sum(map(shard_len, mine)) - sum(map(shard_len, todo)))
+    for k in todo:
+        start, stop = k * shard_size, min((k + 1) * shard_size, n)
+        loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        parts: dict[str, list[torch.Tensor]] = {key: [] for key in KEYS}
+        pos = start
+        for batch in loader:
+            inputs, targets = split_batch(to_device(batch))
+            r = overfit_batch(model, layer, inputs, targets, loss_fn, forward_fn, steps, lr, optimizer, include_bias)
+            b = r.delta.shape[0]
+            for key in KEYS[:-1]:
+                parts[key].append(getattr(r, key).float().cpu())
+            parts["index"].append(torch.arange(pos, pos + b))
+            pos += b
+            bar.update(b)
+        tensors = {key: torch.cat(v).contiguous() for key, v in parts.items()}
+        _atomic_save(tensors, out / SHARD_PATTERN.format(k))
+    bar.close()
+    return DeltaStore(out) if num_processes == 1 else None
+
+
+class DeltaStore(Dataset):
+    """Memory-mapped view of a finished collection; `store[i]` is a dict of one sample's tensors."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        mpath = self.path / COLLECTION_MANIFEST
+        if not mpath.exists():
+            raise FileNotFoundError(f"No {COLLECTION_MANIFEST} in {self.path}: not a delta collection.")
+        self.manifest = json.loads(mpath.read_text())
+        n, size = self.manifest["num_samples"], self.manifest["shard_size"]
+        shards = [self.path / SHARD_PATTERN.format(k) for k in range(math.ceil(n / size))]
+        missing = [s.name for s in shards if not s.exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"Collection in {self.path} is incomplete (missing {missing[:5]}); run the collection again to resume."
+            )
+        maps = [_mmap_safetensors(s) for s in shards]
+        self._arrays = {key: [m[key] for m in maps] for key in KEYS}
+        self._offsets = np.cumsum([0] + [len(a) for a in self._arrays["index"]])
+        if self._offsets[-1] != n:
+            raise ValueError(f"Collection in {self.path} holds {self._offsets[-1]} samples, manifest says {n}.")
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["weight_shape"])
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gather samples by global index (one fancy-indexed read per shard)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for a collection of {len(self)} samples")
+        shard = np.searchsorted(self._offsets, idx, side="right") - 1
+        local = idx - self._offsets[shard]
+        out = {}
+        for key, arrays in self._arrays.items():
+            first = arrays[0]
+            buf = np.empty((idx.size, *first.shape[1:]), dtype=first.dtype)
+            for s in np.unique(shard):
+                sel = shard == s
+                buf[sel] = arrays[s][local[sel]]
+            out[key] = torch.from_numpy(buf)
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.get_batch([i]).items()}
+
+    def column(self, key: str) -> torch.Tensor:
+        """One whole column (e.g. 'scale'); loads it into memory."""
+        return torch.from_numpy(np.concatenate([np.asarray(a) for a in self._arrays[key]]))
+
+    def mean(self, key: str, chunk: int = 4096) -> torch.Tensor:
+        """Mean over samples of a column, computed in chunks so large deltas never load at once."""
+        total, count = None, 0
+        for a in self._arrays[key]:
+            for s in range(0, len(a), chunk):
+                part = torch.from_numpy(np.asarray(a[s : s + chunk], dtype=np.float64)).sum(0)
+                total = part if total is None else total + part
+            count += len(a)
+        return (total / count).float()
+
+    def std(self, key: str, chunk: int = 4096) -> torch.Tensor:
+        mean = self.mean(key, chunk).double()
+        total, count = None, 0
+        for a in self._arrays[key]:
+            for s in range(0, len(a), chunk):
+                part = (torch.from_numpy(np.asarray(a[s : s + chunk], dtype=np.float64)) - mean).pow(2).sum(0)
+                total = part if total is None else total + part
+            count += len(a)
+        return (total / max(count - 1, 1)).sqrt().float()
+
+
+_DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32, "F16": np.float16}
+
+
+def _mmap_safetensors(path: Path) -> dict[str, np.memmap]:
+    """Memory-map every tensor of a safetensors file (format: u64 header size, JSON header, raw data)."""
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(hlen))
+    base = 8 + hlen
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        shape = tuple(info["shape"])
+        if end == start:
+            out[key] = np.zeros(shape, dtype=dtype)
+            continue
+        out[key] = np.memmap(path, dtype=dtype, mode="r", offset=base + start, shape=shape)
+    return out
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,102 @@
+"""The weight denoiser ε(Ω_t, e, t): a diffusers `UNet1DModel` conditioned on I(x).
+
+e = PE(t) + E_i(i_L) + E_a(a_L) + E_o(f(x)). The U-Net has no conditioning input, so the encoders'
+sum is added to the output of its timestep MLP (`unet.time_mlp`) by a forward hook; every residual
+block of the U-Net then sees it, exactly like the timestep embedding.
+
+Layout: the weight is viewed as a matrix [rows, cols] (conv kernels flattened per output channel).
+"rows": the rows are the sequence and the columns the channels; "cols": the transpose. The sequence is
+zero-padded to a multiple of 2^(n_blocks-1) and the padding is cropped from the prediction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import UNet1DModel
+from torch import nn
+
+from .capture import Conditioning
+from .config import OCDConfig
+
+
+class ConditionEncoder(nn.Module):
+    """A two-layer MLP from one conditioning vector to the U-Net's embedding width."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.Mish(), nn.Linear(hidden, out_dim))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.net(v)
+
+
+def matrix_shape(weight_shape: tuple[int, ...]) -> tuple[int, int]:
+    return weight_shape[0], int(math.prod(weight_shape[1:]))
+
+
+class ConditionalUNet1D(nn.Module):
+    """Predicts (per `prediction_type`) noise, clean sample or velocity for normalised deltas Ω."""
+
+    def __init__(self, config: OCDConfig):
+        super().__init__()
+        if config.weight_shape is None or config.input_dim is None:
+            raise ValueError("OCDConfig.weight_shape and the conditioning dims must be set before building the denoiser.")
+        self.weight_shape = tuple(config.weight_shape)
+        rows, cols = matrix_shape(self.weight_shape)
+        self.transpose = config.layout == "cols"
+        channels, length = (rows, cols) if self.transpose else (cols, rows)
+        n = len(config.block_out_channels)
+        mult = 2 ** (n - 1)
+        self.length = length
+        self.padded_length = int(math.ceil(length / mult) * mult)
+        self.unet = UNet1DModel(
+            sample_size=self.padded_length,
+            in_channels=channels,
+            out_channels=channels,
+            use_timestep_embedding=True,
+            time_embedding_type="positional",
+            flip_sin_to_cos=False,
+            freq_shift=1.0,
+            down_block_types=("DownResnetBlock1D",) * n,
+            up_block_types=("UpResnetBlock1D",) * (n - 1),
+            mid_block_type="MidResTemporalBlock1D",
+            out_block_type="OutConv1DBlock",
+            block_out_channels=tuple(config.block_out_channels),
+            act_fn="mish",
+            norm_num_groups=config.norm_num_groups,
+            layers_per_block=config.layers_per_block,
+        )
+        emb = config.block_out_channels[0]
+        h = config.cond_hidden_dim
+        self.enc_input = ConditionEncoder(config.input_dim, h, emb)
+        self.enc_activation = ConditionEncoder(config.activation_dim, h, emb)
+        self.enc_output = ConditionEncoder(config.output_dim, h, emb)
+        self._cond: torch.Tensor | None = None
+        self.unet.time_mlp.register_forward_hook(self._add_condition)
+
+    def _add_condition(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self._cond is None:
+            raise RuntimeError("ConditionalUNet1D must be called through its own forward (conditioning missing).")
+        return output + self._cond
+
+    def to_sequence(self, omega: torch.Tensor) -> torch.Tensor:
+        """[B, *weight_shape] -> [B, channels, padded_length]."""
+        m = omega.reshape(omega.shape[0], *matrix_shape(self.weight_shape))
+        seq = m if self.transpose else m.transpose(1, 2)
+        return nn.functional.pad(seq, (0, self.padded_length - self.length))
+
+    def from_sequence(self, seq: torch.Tensor) -> torch.Tensor:
+        seq = seq[..., : self.length]
+        m = seq if self.transpose else seq.transpose(1, 2)
+        return m.reshape(seq.shape[0], *self.weight_shape)
+
+    def forward(self, omega_t: torch.Tensor, timesteps: torch.Tensor | int, cond: Conditioning) -> torch.Tensor:
+        """omega_t [B, *weight_shape], timesteps [B] or scalar, cond normalised I(x) -> prediction [B, *weight_shape]."""
+        self._cond = self.enc_input(cond.layer_input) + self.enc_activation(cond.layer_output) + self.enc_output(cond.model_output)
+        try:
+            out = self.unet(self.to_sequence(omega_t), timesteps).sample
+        finally:
+            self._cond = None
+        return self.from_sequence(out)

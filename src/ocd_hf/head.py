@@ -1,0 +1,48 @@
+"""`OCDHead`: everything a trained OCD head stores — denoiser, scale net and normalisation statistics.
+
+Its state dict is exactly what `ocd_head.safetensors` holds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .capture import Conditioning
+from .config import OCDConfig
+from .denoiser import ConditionalUNet1D
+from .scale import ScaleNet
+
+_COND_KEYS = ("layer_input", "layer_output", "model_output")
+
+
+class OCDHead(nn.Module):
+    def __init__(self, config: OCDConfig):
+        super().__init__()
+        self.config = config
+        self.denoiser = ConditionalUNet1D(config)
+        self.scale_net = ScaleNet(config)
+        dims = {"layer_input": config.input_dim, "layer_output": config.activation_dim, "model_output": config.output_dim}
+        for key, d in dims.items():
+            self.register_buffer(f"{key}_mean", torch.zeros(d))
+            self.register_buffer(f"{key}_std", torch.ones(d))
+        # The mean training delta: the "same delta for every sample" control and a sanity baseline.
+        self.register_buffer("mean_delta", torch.zeros(*config.weight_shape))
+
+    def normalize(self, cond: Conditioning) -> Conditioning:
+        """Standardise each conditioning vector with the training set's statistics."""
+        return Conditioning(
+            *(
+                (getattr(cond, k).float() - getattr(self, f"{k}_mean")) / getattr(self, f"{k}_std")
+                for k in _COND_KEYS
+            )
+        )
+
+    @torch.no_grad()
+    def set_statistics(self, store) -> None:
+        """Fill normalisation buffers, the mean delta and the scale net's starting point from a DeltaStore."""
+        for k in _COND_KEYS:
+            getattr(self, f"{k}_mean").copy_(store.mean(k))
+            getattr(self, f"{k}_std").copy_(store.std(k).clamp_min(1e-6))
+        self.mean_delta.copy_(store.mean("delta"))
+        self.scale_net.init_log_scale(float(store.column("scale").clamp_min(1e-30).log().mean()))

@@ -1,0 +1,146 @@
+"""Per-sample overfitting (Alg. 1), vectorized over the batch.
+
+Δ is one [B, *W.shape] leaf tensor applied through `per_sample_weights`; the loss is the *sum* of the
+per-sample losses, so Δ_b receives only sample b's gradient. Adam and SGD are elementwise, so one
+optimizer over Δ is exactly B independent per-sample optimizers.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .capture import capture_layer, pool
+from .losses import LossFn
+from .per_sample import per_sample_weights
+
+ForwardFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def default_forward(model: nn.Module, inputs: Any) -> torch.Tensor:
+    return model(inputs)
+
+
+@dataclass
+class OverfitResult:
+    """Deltas and conditioning of one batch. `scale` is ρ_s = std(Δ_s), the scale net's target."""
+
+    delta: torch.Tensor
+    delta_bias: torch.Tensor | None
+    scale: torch.Tensor
+    layer_input: torch.Tensor
+    layer_output: torch.Tensor
+    model_output: torch.Tensor
+    loss_before: torch.Tensor
+
+
+def make_optimizer(params: list[torch.Tensor], name: str, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"Unknown overfit optimizer {name!r}; use 'adam' or 'sgd'.")
+
+
+def overfit_batch(
+    model: nn.Module,
+    layer: nn.Module,
+    inputs: Any,
+    targets: torch.Tensor,
+    loss_fn: LossFn,
+    forward_fn: ForwardFn = default_forward,
+    steps: int = 3,
+    lr: float = 5e-4,
+    optimizer: str = "adam",
+    include_bias: bool = False,
+) -> OverfitResult:
+    """Overfit `layer` on every sample of the batch separately; the model is in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    weight = layer.weight
+    try:
+        batch = _batch_size(inputs, targets)
+        delta = torch.zeros(batch, *weight.shape, device=weight.device, dtype=weight.dtype, requires_grad=True)
+        delta_bias = None
+        params = [delta]
+        if include_bias and getattr(layer, "bias", None) is not None:
+            delta_bias = torch.zeros(batch, *layer.bias.shape, device=weight.device, dtype=weight.dtype, requires_grad=True)
+            params.append(delta_bias)
+        opt = make_optimizer(params, optimizer, lr)
+        with per_sample_weights(layer, delta, delta_bias):
+            for step in range(steps):
+                if step == 0:
+                    # Δ = 0 here, so this forward is the unmodified pass: I(x) comes from it for free.
+                    with capture_layer(layer) as cap:
+                        out = forward_fn(model, inputs)
+                    model_output = pool(out)
+                else:
+                    out = forward_fn(model, inputs)
+                losses = loss_fn(out, targets)
+                if losses.dim() != 1 or losses.shape[0] != batch:
+                    raise ValueError(f"The loss must return one value per sample ([{batch}]); got {tuple(losses.shape)}.")
+                if step == 0:
+                    loss_before = losses.detach()
+                opt.zero_grad(set_to_none=True)
+                losses.sum().backward(inputs=params)
+                opt.step()
+    finally:
+        model.train(was_training)
+    delta = delta.detach()
+    if not torch.isfinite(delta).all():
+        bad = (~torch.isfinite(delta.flatten(1))).any(dim=1).nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"Non-finite deltas for batch positions {bad[:10]} (loss before overfitting: "
+            f"{loss_before[bad[:10]].tolist()}). Lower overfit_lr or check the inputs and labels."
+        )
+    return OverfitResult(
+        delta=delta,
+        delta_bias=None if delta_bias is None else delta_bias.detach(),
+        scale=delta.flatten(1).std(dim=1),
+        layer_input=cap.layer_input,
+        layer_output=cap.layer_output,
+        model_output=model_output,
+        loss_before=loss_before,
+    )
+
+
+def overfit_sequential(
+    model: nn.Module,
+    layer_name: str,
+    inputs: Any,
+    targets: torch.Tensor,
+    loss_fn: LossFn,
+    forward_fn: ForwardFn = default_forward,
+    steps: int = 3,
+    lr: float = 5e-4,
+    optimizer: str = "adam",
+    include_bias: bool = False,
+) -> torch.Tensor:
+    """Slow reference, the official code's way: deepcopy the model per sample, fine-tune the layer, diff.
+
+    Expects tensor inputs with the batch first. Returns the weight deltas [B, *W.shape].
+    """
+    out = []
+    for b in range(targets.shape[0]):
+        m = copy.deepcopy(model).eval()
+        layer = m.get_submodule(layer_name)
+        w0 = layer.weight.detach().clone()
+        params = [layer.weight] + ([layer.bias] if include_bias and layer.bias is not None else [])
+        opt = make_optimizer(params, optimizer, lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = loss_fn(forward_fn(m, inputs[b : b + 1]), targets[b : b + 1]).sum()
+            loss.backward()
+            opt.step()
+        out.append(layer.weight.detach() - w0)
+    return torch.stack(out)
+
+
+def _batch_size(inputs: Any, targets: torch.Tensor) -> int:
+    if isinstance(targets, torch.Tensor):
+        return targets.shape[0]
+    raise TypeError(f"targets must be a tensor with the batch first; got {type(targets).__name__}.")

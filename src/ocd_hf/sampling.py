@@ -1,0 +1,70 @@
+"""Diffusers schedulers for training and sampling, and the DDIM loop that turns noise into deltas."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from .capture import Conditioning
+from .config import OCDConfig
+from .denoiser import ConditionalUNet1D
+
+
+def make_train_scheduler(config: OCDConfig) -> DDPMScheduler:
+    # clip_sample defaults to True in diffusers; Ω is not confined to [-1, 1].
+    return DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        prediction_type=config.prediction_type,
+        clip_sample=False,
+    )
+
+
+def make_sampling_scheduler(config: OCDConfig) -> DDIMScheduler:
+    # "trailing" spacing starts the 10 steps at t = T-1, i.e. from (almost) pure noise.
+    return DDIMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        prediction_type=config.prediction_type,
+        clip_sample=False,
+        timestep_spacing="trailing",
+    )
+
+
+def training_target(scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return clean
+    return scheduler.get_velocity(clean, noise, t)
+
+
+@torch.no_grad()
+def sample_omega(
+    denoiser: ConditionalUNet1D,
+    cond: Conditioning,
+    scheduler: DDIMScheduler,
+    num_inference_steps: int = 10,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Run DDIM from noise; returns normalised deltas Ω_0 of shape [num_samples, B, *weight_shape].
+
+    All draws run as one batch. The denoiser is put in eval mode for the loop and its mode restored.
+    """
+    b = cond.layer_input.shape[0]
+    device = cond.layer_input.device
+    rep = Conditioning(*(c.repeat(num_samples, 1) for c in cond))
+    shape = (num_samples * b, *denoiser.weight_shape)
+    x = torch.randn(shape, generator=generator, device=device if generator is None else generator.device).to(device)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    was_training = denoiser.training
+    denoiser.eval()
+    try:
+        for t in scheduler.timesteps:
+            pred = denoiser(x, t, rep)
+            x = scheduler.step(pred, t, x, eta=0.0).prev_sample
+    finally:
+        denoiser.train(was_training)
+    return x.reshape(num_samples, b, *denoiser.weight_shape)

@@ -1,0 +1,123 @@
+"""Training of the OCD head on collected deltas, on accelerate.
+
+The same code runs under `python` and `accelerate launch`: batches are drawn by index from the
+memory-mapped `DeltaStore` with a generator seeded by (seed, step, process), so resuming from a
+checkpoint continues the exact sequence of batches. The stored head holds the EMA weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from .capture import Conditioning
+from .collection import DeltaStore
+from .config import OCDConfig
+from .head import OCDHead
+from .sampling import make_train_scheduler, training_target
+from .scale import scale_loss
+
+_CKPT = re.compile(r"^step-(\d+)$")
+
+
+def latest_checkpoint(output_dir: str | os.PathLike | None) -> Path | None:
+    if output_dir is None:
+        return None
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name)) and (p / "done").exists()]
+    return max(found)[1] if found else None
+
+
+def omega_batch(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Δ/ρ: each sample's delta at unit scale (the diffusion target)."""
+    scale = batch["scale"].clamp_min(1e-12)
+    return batch["delta"] / scale.view(-1, *([1] * (batch["delta"].dim() - 1)))
+
+
+def train_head(
+    head: OCDHead,
+    store: DeltaStore,
+    config: OCDConfig,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    accelerator: Accelerator | None = None,
+    checkpoint_every: int = 500,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train denoiser and scale net for `config.num_train_steps` steps; returns the logged history."""
+    accelerator = accelerator or Accelerator()
+    torch.manual_seed(config.seed)
+    head.set_statistics(store)
+    scheduler = make_train_scheduler(config)
+    opt = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    total = config.num_train_steps
+    lr_sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=min(100, total // 10), num_training_steps=total)
+    ema = EMAModel(head.parameters(), decay=config.ema_decay)
+    model, opt, lr_sched = accelerator.prepare(head, opt, lr_sched)
+    accelerator.register_for_checkpointing(ema)
+    ema.to(accelerator.device)
+
+    start = 0
+    ckpt = latest_checkpoint(output_dir) if resume else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        start = json.loads((ckpt / "done").read_text())["step"]
+    n = len(store)
+    bs = min(config.train_batch_size, n)
+    history: list[dict[str, float]] = []
+    unwrapped = accelerator.unwrap_model(model)
+    model.train()
+    bar = tqdm(range(start, total), desc="training OCD head", disable=not (progress and accelerator.is_main_process))
+    for step in bar:
+        g = torch.Generator().manual_seed(config.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
+        idx = torch.randint(0, n, (bs,), generator=g)
+        batch = {k: v.to(accelerator.device) for k, v in store.get_batch(idx).items()}
+        clean = omega_batch(batch)
+        noise = torch.randn(clean.shape, generator=g).to(accelerator.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (bs,), generator=g).to(accelerator.device)
+        noisy = scheduler.add_noise(clean, noise, t)
+        cond = unwrapped.normalize(Conditioning(batch["layer_input"], batch["layer_output"], batch["model_output"]))
+        pred = unwrapped.denoiser(noisy, t, cond)
+        loss_d = F.mse_loss(pred, training_target(scheduler, clean, noise, t))
+        loss_s = scale_loss(unwrapped.scale_net(cond), batch["scale"])
+        # The two nets share no parameters, so one backward of the sum trains both independently.
+        accelerator.backward(loss_d + loss_s)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        opt.step()
+        lr_sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(unwrapped.parameters())
+        if not torch.isfinite(loss_d):
+            raise FloatingPointError(f"Denoiser loss became {loss_d.item()} at step {step}; lower learning_rate.")
+        rec = {"step": step + 1, "denoiser_loss": loss_d.item(), "scale_loss_db": loss_s.item()}
+        history.append(rec)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{rec['denoiser_loss']:.4f}", scale_db=f"{rec['scale_loss_db']:.1f}")
+        if output_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total:
+            _save_checkpoint(accelerator, Path(output_dir), step + 1)
+    accelerator.wait_for_everyone()
+    ema.copy_to(unwrapped.parameters())
+    unwrapped.eval()
+    return history
+
+
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
+    path = output_dir / "checkpoints" / f"step-{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        # "done" marks a finished checkpoint; a kill during save_state leaves a folder that resume ignores.
+        (path / "done").write_text(json.dumps({"step": step}))
+    accelerator.wait_for_everyone()

@@ -1,0 +1,274 @@
+"""`OCDWrapper`: a model plus an OCD head that generates per-sample weights for one of its layers.
+
+The wrapper never edits the model: hooks exist only during a call, so `unload()` simply hands the
+model back unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import Dataset
+
+from .capture import Conditioning, capture_layer, pool
+from .collection import DeltaStore, collect_deltas
+from .config import OCDConfig
+from .head import OCDHead
+from .integrations import ModelAdapter, get_adapter
+from .losses import LossFn, resolve_loss
+from .per_sample import check_supported, per_sample_weights
+from .sampling import make_sampling_scheduler, sample_omega
+from .training import train_head
+
+ENSEMBLES = ("probs", "mean_weights", "outputs")
+
+
+def layer_fingerprint(weight: torch.Tensor) -> str:
+    """sha256 of the layer's weight bytes (float32, CPU): ties a head to the exact base weights."""
+    return hashlib.sha256(weight.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+class OCDWrapper(nn.Module):
+    """Wrap `model`; after `fit`, calling the wrapper runs each sample with its own generated layer weights."""
+
+    def __init__(self, model: Any, config: OCDConfig, adapter: ModelAdapter | None = None, head: OCDHead | None = None):
+        super().__init__()
+        self.adapter = adapter or get_adapter(model)
+        self.config = config
+        self.layer = resolve_layer(self.adapter, config.layer)
+        self.head = head
+        self._loss_fn: LossFn | None = resolve_loss(config.loss) if config.loss else None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: Any,
+        pretrained_head: str | os.PathLike | None = None,
+        *,
+        layer: str | None = None,
+        config: OCDConfig | None = None,
+        **config_kwargs: Any,
+    ) -> "OCDWrapper":
+        """Wrap `model` for OCD on `layer`, or load a trained head from a folder / Hub id."""
+        if pretrained_head is not None:
+            from .hub import load_head
+
+            return load_head(cls, model, pretrained_head, **config_kwargs)
+        config = config.replace(**config_kwargs) if config is not None else OCDConfig(**config_kwargs)
+        if layer is not None:
+            config = config.replace(layer=layer)
+        if config.layer is None:
+            raise ValueError("Name the layer to generate weights for, e.g. layer='fc1' (see OCDWrapper.candidate_layers(model)).")
+        return cls(model, config)
+
+    @staticmethod
+    def candidate_layers(model: Any) -> list[str]:
+        return list(get_adapter(model).candidate_layers())
+
+    @property
+    def model(self) -> Any:
+        return self.adapter.model
+
+    @property
+    def module(self) -> nn.Module:
+        return self.adapter.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.weight.device
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        train_dataset: Dataset,
+        loss: str | LossFn | None = None,
+        *,
+        batch_size: int = 64,
+        collect_dir: str | os.PathLike | None = None,
+        output_dir: str | os.PathLike | None = None,
+        num_train_steps: int | None = None,
+        resume: bool = True,
+        accelerator: Accelerator | None = None,
+        progress: bool = True,
+    ) -> "OCDWrapper":
+        """Overfit every training sample (streamed to `collect_dir`), then train the head on the deltas."""
+        accelerator = accelerator or Accelerator()
+        store = self.collect(train_dataset, loss, batch_size=batch_size, collect_dir=collect_dir, accelerator=accelerator, progress=progress)
+        if num_train_steps is not None:
+            self.config = self.config.replace(num_train_steps=num_train_steps)
+        self.train_head(store, output_dir=output_dir, resume=resume, accelerator=accelerator, progress=progress)
+        return self
+
+    def collect(
+        self,
+        dataset: Dataset,
+        loss: str | LossFn | None = None,
+        *,
+        batch_size: int = 64,
+        collect_dir: str | os.PathLike | None = None,
+        shard_size: int = 4096,
+        accelerator: Accelerator | None = None,
+        progress: bool = True,
+    ) -> DeltaStore:
+        """Step 1 of fit: per-sample overfitting of the target layer on `dataset`."""
+        self._set_loss(loss)
+        if collect_dir is None:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="ocd-collect-")
+            collect_dir = self._tmpdir.name
+        c = self.config
+        pi, np_ = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        collect_deltas(
+            self.module, c.layer, dataset, self._loss_fn, collect_dir,
+            split_batch=self.adapter.split_batch,
+            forward_fn=self.adapter.forward,
+            collate_fn=self.adapter.collate_fn(),
+            to_device=lambda b: self.adapter.to_device(b, self.device),
+            steps=c.overfit_steps, lr=c.overfit_lr, optimizer=c.overfit_optimizer, include_bias=c.overfit_bias,
+            batch_size=batch_size, shard_size=shard_size, progress=progress,
+            process_index=pi, num_processes=np_,
+        )
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        return DeltaStore(collect_dir)
+
+    def train_head(
+        self,
+        store: DeltaStore,
+        *,
+        output_dir: str | os.PathLike | None = None,
+        resume: bool = True,
+        accelerator: Accelerator | None = None,
+        progress: bool = True,
+    ) -> list[dict[str, float]]:
+        """Step 2 of fit: train denoiser and scale net on a finished collection."""
+        if tuple(store.weight_shape) != tuple(self.layer.weight.shape):
+            raise ValueError(f"Collection targets a {store.weight_shape} weight but layer {self.config.layer!r} is {tuple(self.layer.weight.shape)}.")
+        sample = store[0]
+        info = self.adapter.describe()
+        self.config = self.config.replace(
+            weight_shape=tuple(self.layer.weight.shape),
+            input_dim=sample["layer_input"].numel(),
+            activation_dim=sample["layer_output"].numel(),
+            output_dim=sample["model_output"].numel(),
+            layer_fingerprint=layer_fingerprint(self.layer.weight),
+            base_model=self.config.base_model or info["base_model"],
+            base_model_library=info["base_model_library"],
+        )
+        torch.manual_seed(self.config.seed)
+        self.head = OCDHead(self.config)
+        self.history = train_head(self.head, store, self.config, output_dir=output_dir, resume=resume, accelerator=accelerator, progress=progress)
+        self.head.to(self.device)
+        omega = store.get_batch(range(min(len(store), 2048)))
+        self.config = self.config.replace(target_std=float((omega["delta"].flatten(1) / omega["scale"][:, None].clamp_min(1e-12)).std()))
+        return self.history
+
+    def _set_loss(self, loss: str | LossFn | None) -> None:
+        loss = loss if loss is not None else (self.config.loss or self.adapter.default_loss)
+        if loss is None:
+            raise ValueError("Pass loss='cross_entropy', loss='mse' or a callable(output, target) -> per-sample loss [B].")
+        self._loss_fn = resolve_loss(loss)
+        if isinstance(loss, str):
+            task = "classification" if loss == "cross_entropy" else "regression"
+            self.config = self.config.replace(loss=loss, task=self.config.task or task)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def conditioning(self, inputs: Any) -> tuple[Conditioning, torch.Tensor]:
+        """Run the unmodified model once; returns I(x) and the base output f(x)."""
+        module = self.module
+        was_training = module.training
+        module.eval()
+        try:
+            with capture_layer(self.layer) as cap:
+                out = self.adapter.forward(module, inputs)
+        finally:
+            module.train(was_training)
+        return Conditioning(cap.layer_input, cap.layer_output, pool(out)), out
+
+    @torch.no_grad()
+    def generate_deltas(
+        self, cond: Conditioning, num_samples: int = 1, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """ρ̂(I(x)) · Ω_0 with Ω_0 from DDIM; returns [num_samples, B, *weight_shape]."""
+        head = self._require_head()
+        head.eval()
+        normed = head.normalize(cond)
+        omega = sample_omega(
+            head.denoiser, normed, make_sampling_scheduler(self.config), self.config.num_inference_steps, num_samples, generator
+        )
+        scale = head.scale_net(normed)
+        delta = omega * scale.view(1, -1, *([1] * (omega.dim() - 2)))
+        if not torch.isfinite(delta).all():
+            raise FloatingPointError(
+                "The head generated non-finite deltas; it is likely diverged (retrain with a lower learning_rate)."
+            )
+        return delta.to(self.layer.weight.dtype)
+
+    @torch.no_grad()
+    def forward_with_deltas(self, inputs: Any, delta: torch.Tensor) -> torch.Tensor:
+        """Run the model with per-sample weights W + delta[b] (delta [B, *weight_shape])."""
+        module = self.module
+        was_training = module.training
+        module.eval()
+        try:
+            with per_sample_weights(self.layer, delta):
+                return self.adapter.forward(module, inputs)
+        finally:
+            module.train(was_training)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        inputs: Any,
+        num_samples: int = 1,
+        ensemble: str = "probs",
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Model output with generated per-sample weights.
+
+        With num_samples > 1: "probs" returns log of the averaged class probabilities (so softmax of the
+        result is the ensemble's probability; regression heads average outputs), "outputs" averages the
+        raw outputs, "mean_weights" runs once with the average of the drawn deltas.
+        """
+        if ensemble not in ENSEMBLES:
+            raise ValueError(f"ensemble={ensemble!r}; choose one of {list(ENSEMBLES)}.")
+        cond, _ = self.conditioning(inputs)
+        deltas = self.generate_deltas(cond, num_samples, generator)
+        if ensemble == "mean_weights":
+            deltas = deltas.mean(0, keepdim=True)
+        outs = torch.stack([self.forward_with_deltas(inputs, d) for d in deltas])
+        if outs.shape[0] == 1:
+            return outs[0]
+        if ensemble == "probs" and self.config.task == "classification":
+            return outs.log_softmax(-1).exp().mean(0).log()
+        return outs.mean(0)
+
+    def _require_head(self) -> OCDHead:
+        if self.head is None:
+            raise RuntimeError("This OCDWrapper has no trained head yet: call fit(...) or load one with from_pretrained(model, path).")
+        return self.head
+
+    def unload(self) -> Any:
+        """The base model, untouched (OCD's hooks exist only during calls)."""
+        return self.model
+
+
+def resolve_layer(adapter: ModelAdapter, name: str | None) -> nn.Module:
+    """The module named `name`, checked to be a layer OCD supports."""
+    if name is None:
+        raise ValueError("No target layer given.")
+    module = adapter.module
+    try:
+        layer = module.get_submodule(name)
+    except AttributeError:
+        cands = list(adapter.candidate_layers())
+        raise ValueError(f"No layer named {name!r} in {type(module).__name__}. Candidate layers: {cands}") from None
+    check_supported(layer, name)
+    return layer
