@@ -66,6 +66,9 @@ class OCDConfig:
     layer_fingerprint: str | None = None
     target_std: float | None = None
     library_version: str | None = None
+    # filled at save: the diffusers UNet1DModel and DDIM scheduler configs the head was built with
+    denoiser_config: dict[str, Any] | None = None
+    scheduler_config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

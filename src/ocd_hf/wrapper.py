@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +25,9 @@ from .losses import LossFn, resolve_loss
 from .per_sample import check_supported, per_sample_weights
 from .sampling import make_sampling_scheduler, sample_omega
 from .training import train_head
+
+if TYPE_CHECKING:
+    from .evaluation import EvaluationReport
 
 ENSEMBLES = ("probs", "mean_weights", "outputs")
 
@@ -249,6 +252,32 @@ class OCDWrapper(nn.Module):
         if ensemble == "probs" and self.config.task == "classification":
             return outs.log_softmax(-1).exp().mean(0).log()
         return outs.mean(0)
+
+    # ------------------------------------------------------------------ sharing
+    def save_pretrained(self, save_directory: str | os.PathLike, *, evaluation: EvaluationReport | None = None) -> str:
+        """Write ocd_config.json, ocd_head.safetensors and a model card (with `evaluation` if given) to a folder."""
+        from .hub import save_head
+
+        return str(save_head(self, save_directory, evaluation=evaluation))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+        token: str | bool | None = None,
+        evaluation: EvaluationReport | None = None,
+    ) -> str:
+        """Upload the head to a Hub repo (branch `revision`) in one commit; returns the commit or PR URL."""
+        from .hub import push_head
+
+        return push_head(
+            self, repo_id, private=private, revision=revision, create_pr=create_pr,
+            commit_message=commit_message, token=token, evaluation=evaluation,
+        )
 
     def _require_head(self) -> OCDHead:
         if self.head is None:
