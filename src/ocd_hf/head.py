@@ -38,6 +38,14 @@ class OCDHead(nn.Module):
             )
         )
 
+    def forward(self, omega_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass on raw I(x): (denoiser prediction, predicted scale ρ̂).
+
+        Both nets run through this one forward so that a DistributedDataParallel wrapper sees them.
+        """
+        normed = self.normalize(cond)
+        return self.denoiser(omega_t, timesteps, normed), self.scale_net(normed)
+
     @torch.no_grad()
     def set_statistics(self, store) -> None:
         """Fill normalisation buffers, the mean delta and the scale net's starting point from a DeltaStore."""

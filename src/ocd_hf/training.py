@@ -88,10 +88,10 @@ def train_head(
         noise = torch.randn(clean.shape, generator=g).to(accelerator.device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (bs,), generator=g).to(accelerator.device)
         noisy = scheduler.add_noise(clean, noise, t)
-        cond = unwrapped.normalize(Conditioning(batch["layer_input"], batch["layer_output"], batch["model_output"]))
-        pred = unwrapped.denoiser(noisy, t, cond)
+        cond = Conditioning(batch["layer_input"], batch["layer_output"], batch["model_output"])
+        pred, scale_pred = model(noisy, t, cond)
         loss_d = F.mse_loss(pred, training_target(scheduler, clean, noise, t))
-        loss_s = scale_loss(unwrapped.scale_net(cond), batch["scale"])
+        loss_s = scale_loss(scale_pred, batch["scale"])
         # The two nets share no parameters, so one backward of the sum trains both independently.
         accelerator.backward(loss_d + loss_s)
         if accelerator.sync_gradients:
