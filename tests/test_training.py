@@ -15,7 +15,7 @@ def make_store(model, data, path):
     return collect_deltas(model, "fc2", data, cross_entropy, path, split_batch=a.split_batch, forward_fn=a.forward, batch_size=20, progress=False)
 
 
-def head_config(store, steps):
+def head_config(store, steps):  # noqa: D103
     s = store[0]
     return OCDConfig(layer="fc2", weight_shape=store.weight_shape, input_dim=s["layer_input"].numel(),
                      activation_dim=s["layer_output"].numel(), output_dim=s["model_output"].numel(),

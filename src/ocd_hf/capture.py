@@ -38,6 +38,7 @@ class Captured:
 
     layer_input: torch.Tensor | None = None
     layer_output: torch.Tensor | None = None
+    input_ndim: int | None = None
     raw: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -53,6 +54,7 @@ def capture_layer(module: nn.Module, keep_raw: bool = False) -> Iterator[Capture
     def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         captured.layer_input = pool(inputs[0], channels_first)
         captured.layer_output = pool(output, channels_first)
+        captured.input_ndim = inputs[0].dim()
         if keep_raw:
             captured.raw = {"input": inputs[0].detach(), "output": output.detach()}
 

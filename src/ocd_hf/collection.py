@@ -44,6 +44,7 @@ def collect_deltas(
     lr: float = 5e-4,
     optimizer: str = "adam",
     include_bias: bool = False,
+    target: str = "full",
     batch_size: int = 64,
     shard_size: int = 4096,
     progress: bool = True,
@@ -67,6 +68,7 @@ def collect_deltas(
         "num_samples": n,
         "shard_size": shard_size,
         "overfit": {"steps": steps, "lr": lr, "optimizer": optimizer, "include_bias": include_bias},
+        "target": target,
     }
     mpath = out / COLLECTION_MANIFEST
     if mpath.exists():
@@ -87,14 +89,15 @@ def collect_deltas(
     for k in todo:
         start, stop = k * shard_size, min((k + 1) * shard_size, n)
         loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-        parts: dict[str, list[torch.Tensor]] = {key: [] for key in KEYS}
+        parts: dict[str, list[torch.Tensor]] = {key: [] for key in KEYS + (("energy",) if target == "factored" else ())}
         pos = start
         for batch in loader:
             inputs, targets = split_batch(to_device(batch))
-            r = overfit_batch(model, layer, inputs, targets, loss_fn, forward_fn, steps, lr, optimizer, include_bias)
+            r = overfit_batch(model, layer, inputs, targets, loss_fn, forward_fn, steps, lr, optimizer, include_bias, target)
             b = r.delta.shape[0]
-            for key in KEYS[:-1]:
-                parts[key].append(getattr(r, key).float().cpu())
+            for key in parts:
+                if key != "index":
+                    parts[key].append(getattr(r, key).float().cpu())
             parts["index"].append(torch.arange(pos, pos + b))
             pos += b
             bar.update(b)
@@ -121,7 +124,7 @@ class DeltaStore(Dataset):
                 f"Collection in {self.path} is incomplete (missing {missing[:5]}); run the collection again to resume."
             )
         maps = [_mmap_safetensors(s) for s in shards]
-        self._arrays = {key: [m[key] for m in maps] for key in KEYS}
+        self._arrays = {key: [m[key] for m in maps] for key in maps[0]}
         self._offsets = np.cumsum([0] + [len(a) for a in self._arrays["index"]])
         if self._offsets[-1] != n:
             raise ValueError(f"Collection in {self.path} holds {self._offsets[-1]} samples, manifest says {n}.")
@@ -132,6 +135,15 @@ class DeltaStore(Dataset):
     @property
     def weight_shape(self) -> tuple[int, ...]:
         return tuple(self.manifest["weight_shape"])
+
+    @property
+    def target(self) -> str:
+        return self.manifest.get("target", "full")
+
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """Shape of one stored target: the weight's, or (out, 1) for a factored collection."""
+        return tuple(self.manifest["weight_shape"]) if self.target == "full" else (int(self._arrays["delta"][0].shape[1]), 1)
 
     def get_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """Gather samples by global index (one fancy-indexed read per shard)."""

@@ -11,6 +11,7 @@ from typing import Any
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 LAYOUTS = ("rows", "cols")
 OPTIMIZERS = ("adam", "sgd")
+TARGETS = ("full", "factored")
 
 
 @dataclass
@@ -26,6 +27,9 @@ class OCDConfig:
     # "classification" (probability-averaged ensembles) or "regression" (output-averaged)
     task: str | None = None
     loss: str | None = None
+    # "full": generate the whole weight delta (the paper). "factored": generate u ∈ R^out with
+    # Δ = u v̂ᵀ, v̂ the normalised layer input (Linear / Conv1D layers; see docs/factored.md)
+    target: str = "full"
     # overfitting (Alg. 1)
     overfit_steps: int = 3
     overfit_lr: float = 5e-4
@@ -56,6 +60,7 @@ class OCDConfig:
     seed: int = 0
     # filled when the head is built (shapes of the target layer and the conditioning vectors)
     weight_shape: tuple[int, ...] | None = None
+    target_shape: tuple[int, ...] | None = None
     input_dim: int | None = None
     activation_dim: int | None = None
     output_dim: int | None = None
@@ -78,11 +83,16 @@ class OCDConfig:
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_choice("layout", self.layout, LAYOUTS)
         _check_choice("overfit_optimizer", self.overfit_optimizer, OPTIMIZERS)
+        _check_choice("target", self.target, TARGETS)
         if self.overfit_steps < 1:
             raise ValueError(f"overfit_steps must be >= 1, got {self.overfit_steps}.")
         self.block_out_channels = tuple(self.block_out_channels)
         if self.weight_shape is not None:
             self.weight_shape = tuple(self.weight_shape)
+        if self.target_shape is not None:
+            self.target_shape = tuple(self.target_shape)
+        elif self.weight_shape is not None and self.target == "full":
+            self.target_shape = self.weight_shape
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

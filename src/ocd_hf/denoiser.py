@@ -41,9 +41,10 @@ class ConditionalUNet1D(nn.Module):
 
     def __init__(self, config: OCDConfig):
         super().__init__()
-        if config.weight_shape is None or config.input_dim is None:
-            raise ValueError("OCDConfig.weight_shape and the conditioning dims must be set before building the denoiser.")
-        self.weight_shape = tuple(config.weight_shape)
+        if config.target_shape is None or config.input_dim is None:
+            raise ValueError("OCDConfig.target_shape and the conditioning dims must be set before building the denoiser.")
+        # the generated tensor: the weight's shape, or (out, 1) for target="factored"
+        self.weight_shape = tuple(config.target_shape)
         rows, cols = matrix_shape(self.weight_shape)
         self.transpose = config.layout == "cols"
         channels, length = (rows, cols) if self.transpose else (cols, rows)

@@ -82,7 +82,7 @@ def evaluate(
         cond, base_out = ocd.conditioning(inputs)
         oracle = overfit_batch(
             ocd.module, ocd.layer, inputs, targets, ocd._loss_fn, adapter.forward,
-            c.overfit_steps, c.overfit_lr, c.overfit_optimizer, False,
+            c.overfit_steps, c.overfit_lr, c.overfit_optimizer, False, c.target,
         ).delta
         deltas = ocd.generate_deltas(cond, num_samples, gen)
         outs = torch.stack([ocd.forward_with_deltas(inputs, d) for d in deltas])
@@ -93,7 +93,7 @@ def evaluate(
         meters[names[3]].add(ens, targets)
         meters[names[4]].add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
         cos["OCD (1 draw)"].append(_cosine(deltas[0], oracle))
-        cos["mean training delta"].append(_cosine(ocd.head.mean_delta.expand_as(oracle), oracle))
+        cos["mean training delta"].append(_cosine(ocd.head.mean_delta.reshape(oracle.shape[1:]).expand_as(oracle), oracle))
     return EvaluationReport(
         task=task,
         num_samples=num_samples,

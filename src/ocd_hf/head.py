@@ -27,7 +27,7 @@ class OCDHead(nn.Module):
             self.register_buffer(f"{key}_mean", torch.zeros(d))
             self.register_buffer(f"{key}_std", torch.ones(d))
         # The mean training delta: the "same delta for every sample" control and a sanity baseline.
-        self.register_buffer("mean_delta", torch.zeros(*config.weight_shape))
+        self.register_buffer("mean_delta", torch.zeros(*config.target_shape))
 
     def normalize(self, cond: Conditioning) -> Conditioning:
         """Standardise each conditioning vector with the training set's statistics."""
@@ -52,5 +52,5 @@ class OCDHead(nn.Module):
         for k in _COND_KEYS:
             getattr(self, f"{k}_mean").copy_(store.mean(k))
             getattr(self, f"{k}_std").copy_(store.std(k).clamp_min(1e-6))
-        self.mean_delta.copy_(store.mean("delta"))
+        self.mean_delta.copy_(store.mean("delta").reshape(self.mean_delta.shape))
         self.scale_net.init_log_scale(float(store.column("scale").clamp_min(1e-30).log().mean()))

@@ -16,7 +16,7 @@ from torch import nn
 
 from .capture import capture_layer, pool
 from .losses import LossFn
-from .per_sample import per_sample_weights
+from .per_sample import is_hf_conv1d, out_features, per_sample_weights
 
 ForwardFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -36,6 +36,8 @@ class OverfitResult:
     layer_output: torch.Tensor
     model_output: torch.Tensor
     loss_before: torch.Tensor
+    # target="factored": fraction of ‖Δ‖² that u v̂ᵀ keeps (1 where exact, NaN where not measured)
+    energy: torch.Tensor | None = None
 
 
 def make_optimizer(params: list[torch.Tensor], name: str, lr: float) -> torch.optim.Optimizer:
@@ -57,21 +59,35 @@ def overfit_batch(
     lr: float = 5e-4,
     optimizer: str = "adam",
     include_bias: bool = False,
+    target: str = "full",
 ) -> OverfitResult:
-    """Overfit `layer` on every sample of the batch separately; the model is in eval mode meanwhile."""
+    """Overfit `layer` on every sample of the batch separately; the model is in eval mode meanwhile.
+
+    target="factored" returns u [B, out] with Δ ≈ u v̂ᵀ, v̂ the normalised (token-averaged) layer input.
+    With SGD the optimisation runs on u directly and never builds [B, out, in]: for 2-D layer inputs
+    this equals full SGD exactly (every SGD step is δ aᵀ). With Adam the full Δ is optimised and then
+    projected, u = Δ v̂, and the kept energy ‖u‖²/‖Δ‖² is reported.
+    """
+    if target not in ("full", "factored"):
+        raise ValueError(f"target={target!r}; use 'full' or 'factored'.")
+    factored = target == "factored"
+    direct = factored and optimizer == "sgd"
+    if factored and not (isinstance(layer, nn.Linear) or is_hf_conv1d(layer)):
+        raise TypeError(f"target='factored' supports Linear and transformers Conv1D layers, not {type(layer).__name__}.")
     was_training = model.training
     model.eval()
     weight = layer.weight
     try:
         batch = _batch_size(inputs, targets)
-        delta = torch.zeros(batch, *weight.shape, device=weight.device, dtype=weight.dtype, requires_grad=True)
+        shape = (out_features(layer),) if direct else tuple(weight.shape)
+        delta = torch.zeros(batch, *shape, device=weight.device, dtype=weight.dtype, requires_grad=True)
         delta_bias = None
         params = [delta]
         if include_bias and getattr(layer, "bias", None) is not None:
             delta_bias = torch.zeros(batch, *layer.bias.shape, device=weight.device, dtype=weight.dtype, requires_grad=True)
             params.append(delta_bias)
         opt = make_optimizer(params, optimizer, lr)
-        with per_sample_weights(layer, delta, delta_bias):
+        with per_sample_weights(layer, delta, delta_bias, input_factor="auto" if direct else None):
             for step in range(steps):
                 if step == 0:
                     # Δ = 0 here, so this forward is the unmodified pass: I(x) comes from it for free.
@@ -97,10 +113,19 @@ def overfit_batch(
             f"Non-finite deltas for batch positions {bad[:10]} (loss before overfitting: "
             f"{loss_before[bad[:10]].tolist()}). Lower overfit_lr or check the inputs and labels."
         )
+    energy = None
+    if direct:
+        energy = torch.full((batch,), 1.0 if cap.input_ndim == 2 else float("nan"), device=delta.device)
+    elif factored:
+        v = cap.layer_input / cap.layer_input.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        u = torch.einsum("bio,bi->bo", delta, v) if is_hf_conv1d(layer) else torch.einsum("boi,bi->bo", delta, v)
+        energy = u.pow(2).sum(1) / delta.flatten(1).pow(2).sum(1).clamp_min(1e-30)
+        delta = u
     return OverfitResult(
         delta=delta,
         delta_bias=None if delta_bias is None else delta_bias.detach(),
         scale=delta.flatten(1).std(dim=1),
+        energy=energy,
         layer_input=cap.layer_input,
         layer_output=cap.layer_output,
         model_output=model_output,

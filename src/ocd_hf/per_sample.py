@@ -72,22 +72,67 @@ def delta_output(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, delta_
     raise AssertionError("unreachable")
 
 
+def out_features(module: nn.Module) -> int:
+    return module.weight.shape[1] if is_hf_conv1d(module) else module.weight.shape[0]
+
+
+def input_direction(x: torch.Tensor) -> torch.Tensor:
+    """v̂: the layer input averaged over token dims and normalised, [B, in] (the factored delta's input side)."""
+    v = x.detach().flatten(1, -2).mean(1) if x.dim() > 2 else x.detach()
+    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def factored_delta_output(module: nn.Module, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The output change for ΔW_b = u_b v_bᵀ, without building ΔW: Δy_t = u_b (v_bᵀ x_t)."""
+    if not (isinstance(module, nn.Linear) or is_hf_conv1d(module)):
+        raise TypeError(
+            f"target='factored' supports Linear and transformers Conv1D layers; {type(module).__name__} needs target='full'."
+        )
+    if x.shape[0] != u.shape[0]:
+        raise ValueError(
+            f"Batch of {x.shape[0]} inputs reached the target layer but {u.shape[0]} per-sample deltas were given."
+        )
+    proj = torch.einsum("b...i,bi->b...", x, v.to(x.dtype))
+    return proj.unsqueeze(-1) * u.to(x.dtype).view(u.shape[0], *([1] * (x.dim() - 2)), -1)
+
+
+def factored_to_full(module: nn.Module, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """u vᵀ laid out like the layer's weight ([out, in], or [in, out] for transformers Conv1D)."""
+    full = torch.einsum("bo,bi->boi", u, v)
+    return full.transpose(1, 2) if is_hf_conv1d(module) else full
+
+
 @contextlib.contextmanager
 def per_sample_weights(
-    module: nn.Module, delta: torch.Tensor, delta_bias: torch.Tensor | None = None
+    module: nn.Module,
+    delta: torch.Tensor,
+    delta_bias: torch.Tensor | None = None,
+    input_factor: torch.Tensor | str | None = None,
 ) -> Iterator[None]:
     """Within the block, every forward of `module` uses W + delta[b] for batch element b.
 
-    `delta` has shape [B, *module.weight.shape]. The hook is removed on exit, also after an error.
+    `delta` has shape [B, *module.weight.shape]. With `input_factor`, delta is a factor u [B, out] and
+    sample b's weight is W + u_b v_bᵀ; input_factor="auto" takes v̂ from the input the layer sees
+    (`input_direction`), a tensor [B, in] gives v explicitly. The hook is removed on exit, also after
+    an error.
     """
     check_supported(module)
-    if tuple(delta.shape[1:]) != tuple(module.weight.shape):
+    if input_factor is None and tuple(delta.shape[1:]) != tuple(module.weight.shape):
         raise ValueError(
             f"Deltas of shape {tuple(delta.shape[1:])} do not fit a layer whose weight is {tuple(module.weight.shape)}."
         )
+    if input_factor is not None and tuple(delta.shape[1:]) != (out_features(module),):
+        raise ValueError(f"Factored deltas must be [B, {out_features(module)}]; got {tuple(delta.shape)}.")
 
     def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + delta_output(mod, inputs[0], delta, delta_bias)
+        x = inputs[0]
+        if input_factor is None:
+            return output + delta_output(mod, x, delta, delta_bias)
+        v = input_direction(x) if isinstance(input_factor, str) else input_factor
+        out = output + factored_delta_output(mod, x, delta, v)
+        if delta_bias is not None:
+            out = out + delta_bias.to(x.dtype).view(delta_bias.shape[0], *([1] * (out.dim() - 2)), -1)
+        return out
 
     handle = module.register_forward_hook(hook)
     try:

@@ -84,7 +84,7 @@ def train_head(
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
         idx = torch.randint(0, n, (bs,), generator=g)
         batch = {k: v.to(accelerator.device) for k, v in store.get_batch(idx).items()}
-        clean = omega_batch(batch)
+        clean = omega_batch(batch).reshape(bs, *config.target_shape)
         noise = torch.randn(clean.shape, generator=g).to(accelerator.device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (bs,), generator=g).to(accelerator.device)
         noisy = scheduler.add_noise(clean, noise, t)
