@@ -24,6 +24,8 @@ from .integrations import ModelAdapter, get_adapter
 from .losses import LossFn, resolve_loss
 from .per_sample import check_supported, per_sample_weights
 from .sampling import make_sampling_scheduler, sample_omega
+from .selection import AUTO, SelectionReport
+from .selection import select_layer as run_selection
 from .training import train_head
 
 if TYPE_CHECKING:
@@ -44,7 +46,11 @@ class OCDWrapper(nn.Module):
         super().__init__()
         self.adapter = adapter or get_adapter(model)
         self.config = config
-        self.layer = resolve_layer(self.adapter, config.layer)
+        # layer="auto" stays unresolved (None) until select_layer runs: in from_pretrained when given
+        # selection_data, else on the first samples of the data passed to fit / collect.
+        self.layer = None if config.layer == AUTO else resolve_layer(self.adapter, config.layer)
+        self.selection_report: SelectionReport | None = None
+        self._selection_kwargs: dict[str, Any] = {}
         self.head = head
         self._loss_fn: LossFn | None = resolve_loss(config.loss) if config.loss else None
 
@@ -55,21 +61,35 @@ class OCDWrapper(nn.Module):
         model: Any,
         pretrained_head: str | os.PathLike | None = None,
         *,
-        layer: str | None = None,
+        layer: str | list[str] | None = None,
         config: OCDConfig | None = None,
+        selection_data: Any = None,
+        selection_kwargs: dict[str, Any] | None = None,
         **config_kwargs: Any,
     ) -> "OCDWrapper":
-        """Wrap `model` for OCD on `layer`, or load a trained head from a folder / Hub id."""
+        """Wrap `model` for OCD on `layer`, or load a trained head from a folder / Hub id.
+
+        layer="auto" (or a list of names to choose from) picks the layer by the entropy criterion (see
+        `select_layer`): right away on `selection_data` (a batch or a Dataset; needs loss=...), else on
+        the first samples given to `fit`. `selection_kwargs` go to `ocd_hf.select_layer`.
+        """
         if pretrained_head is not None:
             from .hub import load_head
 
             return load_head(cls, model, pretrained_head, **config_kwargs)
         config = config.replace(**config_kwargs) if config is not None else OCDConfig(**config_kwargs)
+        restrict = list(layer) if isinstance(layer, (list, tuple)) else None
         if layer is not None:
-            config = config.replace(layer=layer)
+            config = config.replace(layer=AUTO if restrict else layer)
         if config.layer is None:
-            raise ValueError("Name the layer to generate weights for, e.g. layer='fc1' (see OCDWrapper.candidate_layers(model)).")
-        return cls(model, config)
+            raise ValueError("Name the layer to generate weights for, e.g. layer='fc1', or pass layer='auto' (see OCDWrapper.candidate_layers(model)).")
+        ocd = cls(model, config)
+        ocd._selection_kwargs = {**(selection_kwargs or {}), **({"layer": restrict} if restrict else {})}
+        if selection_data is not None:
+            if ocd.layer is not None:
+                raise ValueError(f"selection_data is used only with layer='auto' or a list of layers; got layer={config.layer!r}.")
+            ocd.select_layer(selection_data)
+        return ocd
 
     @staticmethod
     def candidate_layers(model: Any) -> list[str]:
@@ -85,7 +105,25 @@ class OCDWrapper(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        if self.layer is None:
+            return next(iter(self.module.parameters()), torch.empty(0)).device
         return self.layer.weight.device
+
+    # ------------------------------------------------------------------ layer selection
+    def select_layer(self, data: Any, loss: str | LossFn | None = None, **kwargs: Any) -> SelectionReport:
+        """Pick the target layer by Eq. 6 on `data` (a batch or a Dataset) and use it from now on.
+
+        kwargs go to `ocd_hf.select_layer` (num_perturbations, sigma, max_samples, layer=[names], ...).
+        The report is kept in `self.selection_report`; config.layer becomes the winner's name.
+        """
+        if loss is not None or self._loss_fn is None:
+            self._set_loss(loss)
+        kwargs = {"seed": self.config.seed, **self._selection_kwargs, **kwargs}
+        report = run_selection(self.model, data, self._loss_fn, adapter=self.adapter, **kwargs)
+        self.layer = resolve_layer(self.adapter, report.winner)
+        self.config = self.config.replace(layer=report.winner, extra={**self.config.extra, "selection": report.summary()})
+        self.selection_report = report
+        return report
 
     # ------------------------------------------------------------------ training
     def fit(
@@ -122,6 +160,8 @@ class OCDWrapper(nn.Module):
     ) -> DeltaStore:
         """Step 1 of fit: per-sample overfitting of the target layer on `dataset`."""
         self._set_loss(loss)
+        if self.layer is None:  # layer="auto" without selection_data: select on the first samples
+            self.select_layer(dataset)
         if collect_dir is None:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="ocd-collect-")
             collect_dir = self._tmpdir.name
@@ -151,6 +191,8 @@ class OCDWrapper(nn.Module):
         progress: bool = True,
     ) -> list[dict[str, float]]:
         """Step 2 of fit: train denoiser and scale net on a finished collection."""
+        if self.layer is None:
+            raise RuntimeError("layer='auto' is not resolved yet: call select_layer(data) or collect(dataset) first.")
         if tuple(store.weight_shape) != tuple(self.layer.weight.shape):
             raise ValueError(f"Collection targets a {store.weight_shape} weight but layer {self.config.layer!r} is {tuple(self.layer.weight.shape)}.")
         sample = store[0]
