@@ -164,6 +164,19 @@ def test_a_batch_the_model_cannot_run_is_reported_as_such(toy):
         select_layer(toy, toy_batch())
 
 
+def test_layers_the_adapter_leaves_out_are_dropped(toy):
+    from ocd_hf.integrations import ModelAdapter
+
+    class NoSmall(ModelAdapter):
+        def candidate_layers(self):
+            return {n: m for n, m in super().candidate_layers().items() if n != "small"}
+
+    report = select_layer(toy, toy_batch(), loss="mse", num_perturbations=16, adapter=NoSmall(toy))
+    assert [s.name for s in report.scores] == ["big"]
+    assert report.dropped["small"] == "not a candidate layer of the torch adapter"
+    assert report.dropped["unused"] == "no gradient path to the loss"
+
+
 class Tied(nn.Module):
     """Embedding → Conv1d → Conv2d → Linear, plus an output layer tied to the embedding."""
 

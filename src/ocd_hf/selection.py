@@ -6,8 +6,9 @@ only, ε_k ~ N(0, (σ·std(W_L))²), record the per-sample losses ℓ_n(W_L + ε
 samples. The layer with the largest sum wins: it is the layer whose weight changes move the loss the
 most, so per-sample weights for it have the most room to help.
 
-* Candidates: every Linear / Conv1d / Conv2d / transformers Conv1D with a non-zero gradient from the
-  loss on the selection batch, at most `max_weights` weights, whose weight is not an input embedding's.
+* Candidates: every Linear / Conv1d / Conv2d / transformers Conv1D that the model family's adapter
+  offers, with a non-zero gradient from the loss on the selection batch, at most `max_weights` weights,
+  whose weight is not an input embedding's.
 * Cost: one batched forward evaluates P perturbations at once: the N samples are repeated P times along
   the batch and copy p runs with W + ε_p through `per_sample_weights`. The model runs K·N sample
   forwards per candidate in chunks of P·N (P from a memory budget for the repeated deltas).
@@ -344,6 +345,8 @@ def find_candidates(
             dropped[name] = "zero gradient on the selection batch"
         elif not torch.isfinite(g).all():
             dropped[name] = "non-finite gradient on the selection batch"
+        elif name not in supported:  # e.g. timm's Conv2dSame, which pads inside its own forward
+            dropped[name] = f"not a candidate layer of the {adapter.family} adapter"
         else:
             continue
         del kept[name]
