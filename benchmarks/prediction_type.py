@@ -23,7 +23,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--types", nargs="+", default=["epsilon", "sample", "v_prediction"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 avoids oversubscription on a busy machine)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = {}
     for kind in args.types:
         res = []
