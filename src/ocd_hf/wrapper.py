@@ -6,6 +6,7 @@ model back unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -117,7 +118,8 @@ class OCDWrapper(nn.Module):
         The report is kept in `self.selection_report`; config.layer becomes the winner's name.
         """
         if loss is not None or self._loss_fn is None:
-            self._set_loss(loss)
+            self._loss_fn, fields = self._resolve_loss(loss)
+            self.config = self.config.replace(**fields)
         kwargs = {"seed": self.config.seed, **self._selection_kwargs, **kwargs}
         report = run_selection(self.model, data, self._loss_fn, adapter=self.adapter, **kwargs)
         self.layer = resolve_layer(self.adapter, report.winner)
@@ -141,10 +143,13 @@ class OCDWrapper(nn.Module):
     ) -> "OCDWrapper":
         """Overfit every training sample (streamed to `collect_dir`), then train the head on the deltas."""
         accelerator = accelerator or Accelerator()
-        store = self.collect(train_dataset, loss, batch_size=batch_size, collect_dir=collect_dir, accelerator=accelerator, progress=progress)
-        if num_train_steps is not None:
-            self.config = self.config.replace(num_train_steps=num_train_steps)
-        self.train_head(store, output_dir=output_dir, resume=resume, accelerator=accelerator, progress=progress)
+        with contextlib.ExitStack() as stack:
+            if collect_dir is None:  # the deltas are only needed until the head is trained
+                collect_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ocd-collect-"))
+            store = self.collect(train_dataset, loss, batch_size=batch_size, collect_dir=collect_dir, accelerator=accelerator, progress=progress)
+            if num_train_steps is not None:
+                self.config = self.config.replace(num_train_steps=num_train_steps)
+            self.train_head(store, output_dir=output_dir, resume=resume, accelerator=accelerator, progress=progress)
         return self
 
     def collect(
@@ -159,26 +164,27 @@ class OCDWrapper(nn.Module):
         progress: bool = True,
     ) -> DeltaStore:
         """Step 1 of fit: per-sample overfitting of the target layer on `dataset`."""
-        self._set_loss(loss)
+        loss_fn, loss_fields = self._resolve_loss(loss)
         if self.layer is None:  # layer="auto" without selection_data: select on the first samples
-            self.select_layer(dataset)
+            self.select_layer(dataset, loss)
         if collect_dir is None:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="ocd-collect-")
             collect_dir = self._tmpdir.name
         c = self.config
         pi, np_ = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         collect_deltas(
-            self.module, c.layer, dataset, self._loss_fn, collect_dir,
+            self.module, c.layer, dataset, loss_fn, collect_dir,
             split_batch=self.adapter.split_batch,
             forward_fn=self.adapter.forward,
             collate_fn=self.adapter.collate_fn(),
             to_device=lambda b: self.adapter.to_device(b, self.device),
-            steps=c.overfit_steps, lr=c.overfit_lr, optimizer=c.overfit_optimizer, include_bias=c.overfit_bias,
+            steps=c.overfit_steps, lr=c.overfit_lr, optimizer=c.overfit_optimizer, include_bias=c.overfit_bias, target=c.target,
             batch_size=batch_size, shard_size=shard_size, progress=progress,
             process_index=pi, num_processes=np_,
         )
         if accelerator is not None:
             accelerator.wait_for_everyone()
+        self._loss_fn, self.config = loss_fn, self.config.replace(**loss_fields)
         return DeltaStore(collect_dir)
 
     def train_head(
@@ -193,12 +199,15 @@ class OCDWrapper(nn.Module):
         """Step 2 of fit: train denoiser and scale net on a finished collection."""
         if self.layer is None:
             raise RuntimeError("layer='auto' is not resolved yet: call select_layer(data) or collect(dataset) first.")
+        if store.target != self.config.target:
+            raise ValueError(f"The collection holds target={store.target!r} deltas but the config asks for target={self.config.target!r}.")
         if tuple(store.weight_shape) != tuple(self.layer.weight.shape):
             raise ValueError(f"Collection targets a {store.weight_shape} weight but layer {self.config.layer!r} is {tuple(self.layer.weight.shape)}.")
         sample = store[0]
         info = self.adapter.describe()
         self.config = self.config.replace(
             weight_shape=tuple(self.layer.weight.shape),
+            target_shape=store.target_shape,
             input_dim=sample["layer_input"].numel(),
             activation_dim=sample["layer_output"].numel(),
             output_dim=sample["model_output"].numel(),
@@ -214,14 +223,15 @@ class OCDWrapper(nn.Module):
         self.config = self.config.replace(target_std=float((omega["delta"].flatten(1) / omega["scale"][:, None].clamp_min(1e-12)).std()))
         return self.history
 
-    def _set_loss(self, loss: str | LossFn | None) -> None:
+    def _resolve_loss(self, loss: str | LossFn | None) -> tuple[LossFn, dict[str, str]]:
+        """The loss function and the config fields it implies (applied only once collection succeeds)."""
         loss = loss if loss is not None else (self.config.loss or self.adapter.default_loss)
         if loss is None:
             raise ValueError("Pass loss='cross_entropy', loss='mse' or a callable(output, target) -> per-sample loss [B].")
-        self._loss_fn = resolve_loss(loss)
+        fields = {}
         if isinstance(loss, str):
-            task = "classification" if loss == "cross_entropy" else "regression"
-            self.config = self.config.replace(loss=loss, task=self.config.task or task)
+            fields = {"loss": loss, "task": self.config.task or ("classification" if loss == "cross_entropy" else "regression")}
+        return resolve_loss(loss), fields
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -241,7 +251,7 @@ class OCDWrapper(nn.Module):
     def generate_deltas(
         self, cond: Conditioning, num_samples: int = 1, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """ρ̂(I(x)) · Ω_0 with Ω_0 from DDIM; returns [num_samples, B, *weight_shape]."""
+        """ρ̂(I(x)) · Ω_0 with Ω_0 from DDIM; returns [num_samples, B, *weight_shape] ([.., B, out] when factored)."""
         head = self._require_head()
         head.eval()
         normed = head.normalize(cond)
@@ -250,6 +260,8 @@ class OCDWrapper(nn.Module):
         )
         scale = head.scale_net(normed)
         delta = omega * scale.view(1, -1, *([1] * (omega.dim() - 2)))
+        if self.config.target == "factored":
+            delta = delta.squeeze(-1)
         if not torch.isfinite(delta).all():
             raise FloatingPointError(
                 "The head generated non-finite deltas; it is likely diverged (retrain with a lower learning_rate)."
@@ -258,12 +270,14 @@ class OCDWrapper(nn.Module):
 
     @torch.no_grad()
     def forward_with_deltas(self, inputs: Any, delta: torch.Tensor) -> torch.Tensor:
-        """Run the model with per-sample weights W + delta[b] (delta [B, *weight_shape])."""
+        """Run the model with per-sample weights W + delta[b] (delta [B, *weight_shape], or u [B, out] when factored)."""
         module = self.module
         was_training = module.training
         module.eval()
         try:
-            with per_sample_weights(self.layer, delta):
+            # a [B, out] delta is a factored one (u, with v̂ from the layer input); [B, *W.shape] is full
+            factor = None if tuple(delta.shape[1:]) == tuple(self.layer.weight.shape) else "auto"
+            with per_sample_weights(self.layer, delta, input_factor=factor):
                 return self.adapter.forward(module, inputs)
         finally:
             module.train(was_training)
@@ -294,6 +308,27 @@ class OCDWrapper(nn.Module):
         if ensemble == "probs" and self.config.task == "classification":
             return outs.log_softmax(-1).exp().mean(0).log()
         return outs.mean(0)
+
+    @torch.no_grad()
+    def predict_proba(
+        self, inputs: Any, num_samples: int = 1, batch_size: int = 32, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Class probabilities with generated weights, in batches; raw strings work for SetFit / sentence-transformers.
+
+        A single string gives one row's probabilities, like SetFitModel.predict_proba.
+        """
+        from .integrations.base import iter_batches
+
+        single = isinstance(inputs, str)
+        batches = iter_batches([inputs] if single else inputs, batch_size)
+        probs = torch.cat([self(self.adapter.prepare_inputs(b), num_samples, generator=generator).softmax(-1) for b in batches])
+        return probs[0] if single else probs
+
+    def predict(self, inputs: Any, num_samples: int = 1, batch_size: int = 32, generator: torch.Generator | None = None) -> Any:
+        """Predicted classes (SetFit: its labels, as SetFitModel.predict returns them)."""
+        single = isinstance(inputs, str)
+        preds = self.adapter.decode(self.predict_proba([inputs] if single else inputs, num_samples, batch_size, generator).argmax(-1))
+        return preds[0] if single else preds
 
     # ------------------------------------------------------------------ sharing
     def save_pretrained(self, save_directory: str | os.PathLike, *, evaluation: EvaluationReport | None = None) -> str:
