@@ -297,3 +297,33 @@ def test_wrapper_auto_list_restricts_and_auto_without_data_defers_to_collect(toy
 
     with pytest.raises(ValueError, match="only with layer='auto'"):
         OCDWrapper.from_pretrained(toy, layer="big", selection_data=toy_batch(), loss="mse")
+
+
+def test_selection_data_as_rows_or_hf_dataset():
+    """A list of rows and a Hugging Face `datasets.Dataset` are datasets, not one batch."""
+    import datasets
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    net = Net()
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    rows = [(x[i], y[i]) for i in range(12)]
+    from ocd_hf import select_layer
+
+    r_rows = select_layer(net, rows, loss="cross_entropy", num_perturbations=50)
+    r_batch = select_layer(net, (x, y), loss="cross_entropy", num_perturbations=50)
+    scores = lambda r: {s.name: s.score for s in r.scores}  # noqa: E731
+    assert scores(r_rows) == scores(r_batch)
+    ds = datasets.Dataset.from_dict({"x": x.tolist(), "labels": y.tolist()}).with_format("torch")
+    r_hf = select_layer(net, ds, loss="cross_entropy", num_perturbations=50)
+    assert r_hf.winner == r_batch.winner
+    for k, v in scores(r_batch).items():
+        assert abs(scores(r_hf)[k] - v) < 1e-3

@@ -239,7 +239,7 @@ def _module_device(module: nn.Module) -> torch.device:
 
 def prepare_batch(adapter: ModelAdapter, data: Any, max_samples: int | None) -> tuple[Any, torch.Tensor]:
     """(inputs, targets) of at most `max_samples` samples on the model's device; `data` is a batch or a Dataset."""
-    if isinstance(data, Dataset):
+    if _is_dataset(data):
         if len(data) == 0:  # type: ignore[arg-type]
             raise ValueError("The selection data is empty.")
         loader = DataLoader(data, batch_size=max_samples or len(data), shuffle=False, collate_fn=adapter.collate_fn())  # type: ignore[arg-type]
@@ -254,6 +254,17 @@ def prepare_batch(adapter: ModelAdapter, data: Any, max_samples: int | None) -> 
     if max_samples is not None and b > max_samples:
         inputs, targets = _map_batch((inputs, targets), b, lambda t: t[:max_samples])
     return inputs, targets
+
+
+def _is_dataset(data: Any) -> bool:
+    """A collection of rows (torch Dataset, HF `datasets.Dataset`, a list of rows) rather than one batch."""
+    if isinstance(data, Dataset):
+        return True
+    if isinstance(data, list):
+        return bool(data) and isinstance(data[0], (tuple, Mapping))
+    if isinstance(data, (Mapping, tuple, torch.Tensor, str)):
+        return False
+    return hasattr(data, "__getitem__") and hasattr(data, "__len__")
 
 
 def _per_sample_loss(adapter: ModelAdapter, inputs: Any, targets: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
