@@ -41,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=-1, help="cap on SetFit's contrastive training steps (-1: no cap)")
     p.add_argument("--differentiable-head", action="store_true", help="SetFitHead instead of LogisticRegression")
     p.add_argument("--layer", default=None, help="layer to generate (default: the head; 'auto' runs the entropy selection)")
+    p.add_argument("--target", default="full", choices=["full", "factored"], help="generate whole deltas or u in R^out (docs/factored.md)")
     p.add_argument("--ocd-steps", type=int, default=1000, help="OCD head training steps")
     p.add_argument("--num-samples", type=int, default=5, help="draws in the OCD ensemble")
     p.add_argument("--output-dir", default=None, help="keep the collected deltas, checkpoints and the trained OCD head here")
@@ -141,7 +142,7 @@ def main(argv=None) -> None:
     layer = args.layer or _head_layer(model)
     selection = {"text": tr_text[:16], "label": torch.tensor(tr_y[:16])} if layer == "auto" else None
     ocd = OCDWrapper.from_pretrained(
-        model, layer=layer, num_train_steps=args.ocd_steps, seed=args.seed,
+        model, layer=layer, num_train_steps=args.ocd_steps, seed=args.seed, target=args.target,
         selection_data=selection, selection_kwargs={"num_perturbations": 100}, **small,
     )
     out = Path(args.output_dir) if args.output_dir else None
