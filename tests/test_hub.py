@@ -125,6 +125,11 @@ def test_local_round_trip_is_exact(trained, tmp_path):
     assert (again / CONFIG_NAME).read_text() == (trained.folder / CONFIG_NAME).read_text()
 
 
+def test_layer_or_config_with_pretrained_head_refused(trained):
+    with pytest.raises(ValueError, match=r"\['layer'\] cannot be combined with a pretrained head"):
+        OCDWrapper.from_pretrained(trained.model, trained.folder, layer="fc1")
+
+
 def test_inference_steps_override(trained):
     loaded = OCDWrapper.from_pretrained(trained.model, trained.folder, num_inference_steps=3)
     assert loaded.config.num_inference_steps == 3

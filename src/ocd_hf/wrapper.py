@@ -77,6 +77,12 @@ class OCDWrapper(nn.Module):
         if pretrained_head is not None:
             from .hub import load_head
 
+            given = [n for n, v in (("layer", layer), ("config", config), ("selection_data", selection_data)) if v is not None]
+            if given:
+                raise ValueError(
+                    f"{given} cannot be combined with a pretrained head: the head fixes its layer and settings "
+                    "(see its ocd_config.json). Drop them, or build a new head without pretrained_head."
+                )
             return load_head(cls, model, pretrained_head, **config_kwargs)
         config = config.replace(**config_kwargs) if config is not None else OCDConfig(**config_kwargs)
         restrict = list(layer) if isinstance(layer, (list, tuple)) else None
