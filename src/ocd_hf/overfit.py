@@ -16,6 +16,7 @@ from torch import nn
 
 from .capture import capture_layer, pool
 from .losses import LossFn
+from .modes import eval_mode
 from .per_sample import is_hf_conv1d, out_features, per_sample_weights
 
 ForwardFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -74,10 +75,8 @@ def overfit_batch(
     direct = factored and optimizer == "sgd"
     if factored and not (isinstance(layer, nn.Linear) or is_hf_conv1d(layer)):
         raise TypeError(f"target='factored' supports Linear and transformers Conv1D layers, not {type(layer).__name__}.")
-    was_training = model.training
-    model.eval()
     weight = layer.weight
-    try:
+    with eval_mode(model):
         batch = _batch_size(inputs, targets)
         shape = (out_features(layer),) if direct else tuple(weight.shape)
         delta = torch.zeros(batch, *shape, device=weight.device, dtype=weight.dtype, requires_grad=True)
@@ -104,8 +103,6 @@ def overfit_batch(
                 opt.zero_grad(set_to_none=True)
                 losses.sum().backward(inputs=params)
                 opt.step()
-    finally:
-        model.train(was_training)
     delta = delta.detach()
     if not torch.isfinite(delta).all():
         bad = (~torch.isfinite(delta.flatten(1))).any(dim=1).nonzero().flatten().tolist()

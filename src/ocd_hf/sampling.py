@@ -8,6 +8,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from .capture import Conditioning
 from .config import OCDConfig
 from .denoiser import ConditionalUNet1D
+from .modes import eval_mode
 
 
 def make_train_scheduler(config: OCDConfig) -> DDPMScheduler:
@@ -59,12 +60,8 @@ def sample_omega(
     shape = (num_samples * b, *denoiser.weight_shape)
     x = torch.randn(shape, generator=generator, device=device if generator is None else generator.device).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    was_training = denoiser.training
-    denoiser.eval()
-    try:
+    with eval_mode(denoiser):
         for t in scheduler.timesteps:
             pred = denoiser(x, t, rep)
             x = scheduler.step(pred, t, x, eta=0.0).prev_sample
-    finally:
-        denoiser.train(was_training)
     return x.reshape(num_samples, b, *denoiser.weight_shape)

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .integrations import ModelAdapter, get_adapter
 from .losses import LossFn, resolve_loss
+from .modes import eval_mode
 from .per_sample import is_hf_conv1d, is_supported, per_sample_weights
 
 AUTO = "auto"
@@ -460,9 +461,7 @@ def select_layer(
     loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
     t0 = time.perf_counter()
     module = adapter.module
-    was_training = module.training
-    module.eval()
-    try:
+    with eval_mode(module):
         inputs, targets = prepare_batch(adapter, batch, max_samples)
         kept, dropped, base = find_candidates(adapter, inputs, targets, loss_fn, layer, max_weights)
         if not kept:
@@ -496,8 +495,6 @@ def select_layer(
                 score=float(entropy.sum()), loss_std=float(losses.std(dim=1).mean()),
                 perturbation_std=sigma * wstd, seconds=time.perf_counter() - t1, order=order[name],
             ))
-    finally:
-        module.train(was_training)
     scores.sort(key=lambda s: (-s.score, s.order))
     return SelectionReport(
         scores=scores,

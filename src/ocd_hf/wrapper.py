@@ -23,6 +23,7 @@ from .config import OCDConfig
 from .head import OCDHead
 from .integrations import ModelAdapter, get_adapter
 from .losses import LossFn, resolve_loss
+from .modes import eval_mode
 from .per_sample import check_supported, per_sample_weights
 from .sampling import make_sampling_scheduler, sample_omega
 from .selection import AUTO, SelectionReport
@@ -243,14 +244,8 @@ class OCDWrapper(nn.Module):
     @torch.no_grad()
     def conditioning(self, inputs: Any) -> tuple[Conditioning, torch.Tensor]:
         """Run the unmodified model once; returns I(x) and the base output f(x)."""
-        module = self.module
-        was_training = module.training
-        module.eval()
-        try:
-            with capture_layer(self.layer) as cap:
-                out = self.adapter.forward(module, inputs)
-        finally:
-            module.train(was_training)
+        with eval_mode(self.module) as module, capture_layer(self.layer) as cap:
+            out = self.adapter.forward(module, inputs)
         return Conditioning(cap.layer_input, cap.layer_output, pool(out)), out
 
     @torch.no_grad()
@@ -277,16 +272,10 @@ class OCDWrapper(nn.Module):
     @torch.no_grad()
     def forward_with_deltas(self, inputs: Any, delta: torch.Tensor) -> torch.Tensor:
         """Run the model with per-sample weights W + delta[b] (delta [B, *weight_shape], or u [B, out] when factored)."""
-        module = self.module
-        was_training = module.training
-        module.eval()
-        try:
-            # a [B, out] delta is a factored one (u, with v̂ from the layer input); [B, *W.shape] is full
-            factor = None if tuple(delta.shape[1:]) == tuple(self.layer.weight.shape) else "auto"
-            with per_sample_weights(self.layer, delta, input_factor=factor):
-                return self.adapter.forward(module, inputs)
-        finally:
-            module.train(was_training)
+        # a [B, out] delta is a factored one (u, with v̂ from the layer input); [B, *W.shape] is full
+        factor = None if tuple(delta.shape[1:]) == tuple(self.layer.weight.shape) else "auto"
+        with eval_mode(self.module) as module, per_sample_weights(self.layer, delta, input_factor=factor):
+            return self.adapter.forward(module, inputs)
 
     @torch.no_grad()
     def forward(

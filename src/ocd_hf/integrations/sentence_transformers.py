@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..modes import eval_mode
 from .base import ModelAdapter, module_device
 
 TEXT_KEYS = ("text", "texts", "sentence", "sentences", "inputs")
@@ -127,18 +128,16 @@ class SentenceTransformerAdapter(ModelAdapter):
         module = self.module
         weights = [m.weight for m in layers.values()]
         flags = [w.requires_grad for w in weights]
-        was_training = module.training
-        module.eval()
-        try:
-            for w in weights:
-                w.requires_grad_(True)
-            with torch.inference_mode(False), torch.enable_grad():
-                out = self.forward(module, [PROBE_TEXT])
-                grads = torch.autograd.grad(out.float().sum(), weights, allow_unused=True)
-        finally:
-            for w, f in zip(weights, flags):
-                w.requires_grad_(f)
-            module.train(was_training)
+        with eval_mode(module):
+            try:
+                for w in weights:
+                    w.requires_grad_(True)
+                with torch.inference_mode(False), torch.enable_grad():
+                    out = self.forward(module, [PROBE_TEXT])
+                    grads = torch.autograd.grad(out.float().sum(), weights, allow_unused=True)
+            finally:
+                for w, f in zip(weights, flags):
+                    w.requires_grad_(f)
         return {n for n, g in zip(layers, grads) if g is not None}
 
     def describe(self) -> dict[str, str | None]:

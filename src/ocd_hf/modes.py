@@ -1,0 +1,20 @@
+"""Eval mode for the duration of a block, restoring the module's previous mode afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Dropout off and BatchNorm on running statistics inside the block; the caller's mode comes back
+    on exit, also after an error (the official OCD code leaves models in train mode while sampling)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
