@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .losses import cross_entropy
 from .overfit import overfit_batch
+from .wrapper import combine_draws
 
 
 @dataclass
@@ -89,8 +90,7 @@ def evaluate(
         meters["base"].add(base_out, targets)
         meters[names[1]].add(ocd.forward_with_deltas(inputs, oracle), targets)
         meters["OCD"].add(outs[0], targets)
-        ens = outs.log_softmax(-1).exp().mean(0).log() if task == "classification" else outs.mean(0)
-        meters[names[3]].add(ens, targets)
+        meters[names[3]].add(combine_draws(outs, task), targets)
         meters[names[4]].add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
         cos["OCD (1 draw)"].append(_cosine(deltas[0], oracle))
         cos["mean training delta"].append(_cosine(ocd.head.mean_delta.reshape(oracle.shape[1:]).expand_as(oracle), oracle))

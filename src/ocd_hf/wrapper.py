@@ -300,9 +300,7 @@ class OCDWrapper(nn.Module):
         outs = torch.stack([self.forward_with_deltas(inputs, d) for d in deltas])
         if outs.shape[0] == 1:
             return outs[0]
-        if ensemble == "probs" and self.config.task == "classification":
-            return outs.log_softmax(-1).exp().mean(0).log()
-        return outs.mean(0)
+        return combine_draws(outs, self.config.task if ensemble == "probs" else None)
 
     @torch.no_grad()
     def predict_proba(
@@ -359,6 +357,13 @@ class OCDWrapper(nn.Module):
     def unload(self) -> Any:
         """The base model, untouched (OCD's hooks exist only during calls)."""
         return self.model
+
+
+def combine_draws(outs: torch.Tensor, task: str | None) -> torch.Tensor:
+    """[S, B, ...] outputs of S draws -> one: log of the mean class probability for classification, else the mean."""
+    if task == "classification":
+        return outs.log_softmax(-1).exp().mean(0).log()
+    return outs.mean(0)
 
 
 def resolve_layer(adapter: ModelAdapter, name: str | None) -> nn.Module:
