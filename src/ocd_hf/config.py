@@ -42,6 +42,13 @@ class OCDConfig:
     num_train_timesteps: int = 1000
     num_inference_steps: int = 10
     beta_schedule: str = "linear"
+    # classifier-free guidance: the conditioning is dropped with this probability while training, and
+    # sampling mixes conditional and unconditional predictions, uncond + guidance_scale·(cond − uncond)
+    cond_dropout: float = 0.0
+    guidance_scale: float = 1.0
+    # shrink applied to every generated delta (0 turns OCD off); `OCDWrapper.calibrate` picks it on
+    # validation data so that the shipped head does not make the base model worse there
+    delta_scale: float = 1.0
     # denoiser (diffusers UNet1DModel, Resnet blocks); layout "rows": weight rows are the sequence,
     # columns the channels (measured ~260x faster than one flat sequence on CPU, see docs/concepts.md)
     layout: str = "rows"
@@ -84,6 +91,10 @@ class OCDConfig:
         _check_choice("layout", self.layout, LAYOUTS)
         _check_choice("overfit_optimizer", self.overfit_optimizer, OPTIMIZERS)
         _check_choice("target", self.target, TARGETS)
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}.")
+        if self.delta_scale < 0:
+            raise ValueError(f"delta_scale must be >= 0, got {self.delta_scale}.")
         if self.overfit_steps < 1:
             raise ValueError(f"overfit_steps must be >= 1, got {self.overfit_steps}.")
         self.block_out_channels = tuple(self.block_out_channels)
