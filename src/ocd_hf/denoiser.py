@@ -4,6 +4,10 @@ e = PE(t) + E_i(i_L) + E_a(a_L) + E_o(f(x)). The U-Net has no conditioning input
 sum is added to the output of its timestep MLP (`unet.time_mlp`) by a forward hook; every residual
 block of the U-Net then sees it, exactly like the timestep embedding.
 
+Classifier-free guidance: the null condition is the all-zeros *normalised* I(x) (the training mean);
+`drop_condition` swaps it in for chosen samples while training (`OCDConfig.cond_dropout`), and
+`sampling.sample_omega` mixes conditional and null predictions (`guidance_scale`).
+
 Layout: the weight is viewed as a matrix [rows, cols] (conv kernels flattened per output channel).
 "rows": the rows are the sequence and the columns the channels; "cols": the transpose. The sequence is
 zero-padded to a multiple of 2^(n_blocks-1) and the padding is cropped from the prediction.
@@ -30,6 +34,21 @@ class ConditionEncoder(nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         return self.net(v)
+
+
+def null_condition(cond: Conditioning) -> Conditioning:
+    """The null ("unconditional") condition for normalised I(x): all zeros, i.e. the training mean."""
+    return Conditioning(*(torch.zeros_like(c) for c in cond))
+
+
+def drop_condition(cond: Conditioning, drop: torch.Tensor | None) -> Conditioning:
+    """Normalised `cond` with the samples where `drop` [B] (bool) is True replaced by the null condition.
+
+    `drop=None` returns `cond` itself (no op at all).
+    """
+    if drop is None:
+        return cond
+    return Conditioning(*(torch.where(drop.view(-1, *([1] * (c.dim() - 1))), torch.zeros_like(c), c) for c in cond))
 
 
 def matrix_shape(weight_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -74,6 +93,8 @@ class ConditionalUNet1D(nn.Module):
         self.enc_input = ConditionEncoder(config.input_dim, h, emb)
         self.enc_activation = ConditionEncoder(config.activation_dim, h, emb)
         self.enc_output = ConditionEncoder(config.output_dim, h, emb)
+        # the condition dropout this denoiser was built (and trained) with: guidance warns when it is 0
+        self.cond_dropout = float(config.cond_dropout)
         self._cond: torch.Tensor | None = None
         self.unet.time_mlp.register_forward_hook(self._add_condition)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .capture import Conditioning
 from .config import OCDConfig
-from .denoiser import ConditionalUNet1D
+from .denoiser import ConditionalUNet1D, drop_condition
 from .scale import ScaleNet
 
 _COND_KEYS = ("layer_input", "layer_output", "model_output")
@@ -38,13 +38,21 @@ class OCDHead(nn.Module):
             )
         )
 
-    def forward(self, omega_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        omega_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        drop: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pass on raw I(x): (denoiser prediction, predicted scale ρ̂).
 
+        `drop` [B] (bool): samples whose denoiser sees the null condition (zeros after normalisation)
+        instead of I(x), for classifier-free guidance; the scale net always sees the real I(x).
         Both nets run through this one forward so that a DistributedDataParallel wrapper sees them.
         """
         normed = self.normalize(cond)
-        return self.denoiser(omega_t, timesteps, normed), self.scale_net(normed)
+        return self.denoiser(omega_t, timesteps, drop_condition(normed, drop)), self.scale_net(normed)
 
     @torch.no_grad()
     def set_statistics(self, store) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from .capture import Conditioning
 from .config import OCDConfig
-from .denoiser import ConditionalUNet1D
+from .denoiser import ConditionalUNet1D, null_condition
 from .modes import eval_mode
 
 
@@ -49,10 +51,16 @@ def sample_omega(
     num_inference_steps: int = 10,
     num_samples: int = 1,
     generator: torch.Generator | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Run DDIM from noise; returns normalised deltas Ω_0 of shape [num_samples, B, *weight_shape].
 
-    All draws run as one batch. The denoiser is put in eval mode for the loop and its mode restored.
+    `cond` is the normalised I(x). All draws run as one batch. The denoiser is put in eval mode for the
+    loop and its mode restored.
+
+    Classifier-free guidance: with `guidance_scale` w != 1 every step runs the conditional and the null
+    (all-zeros normalised) condition in one doubled batch and uses uncond + w·(cond − uncond) — valid for
+    every prediction_type, each being linear in the model output. w == 1 is the plain single pass.
     """
     b = cond.layer_input.shape[0]
     device = cond.layer_input.device
@@ -60,8 +68,22 @@ def sample_omega(
     shape = (num_samples * b, *denoiser.weight_shape)
     x = torch.randn(shape, generator=generator, device=device if generator is None else generator.device).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
+    guided = guidance_scale != 1.0
+    if guided:
+        if getattr(denoiser, "cond_dropout", None) == 0:
+            warnings.warn(
+                f"guidance_scale={guidance_scale} on a head trained with cond_dropout=0: its null-condition "
+                "branch was never trained, so guidance extrapolates from an untrained prediction. Train with "
+                "cond_dropout > 0 (e.g. 0.1) to use classifier-free guidance.",
+                stacklevel=2,
+            )
+        both = Conditioning(*(torch.cat([c, n]) for c, n in zip(rep, null_condition(rep))))
     with eval_mode(denoiser):
         for t in scheduler.timesteps:
-            pred = denoiser(x, t, rep)
+            if guided:
+                pred_cond, pred_uncond = denoiser(torch.cat([x, x]), t, both).chunk(2)
+                pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+            else:
+                pred = denoiser(x, t, rep)
             x = scheduler.step(pred, t, x, eta=0.0).prev_sample
     return x.reshape(num_samples, b, *denoiser.weight_shape)

@@ -56,7 +56,11 @@ def train_head(
     checkpoint_every: int = 500,
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Train denoiser and scale net for `config.num_train_steps` steps; returns the logged history."""
+    """Train denoiser and scale net for `config.num_train_steps` steps; returns the logged history.
+
+    With `config.cond_dropout` > 0 each sample's denoiser sees the null condition with that probability
+    (classifier-free guidance; the scale net always sees I(x)).
+    """
     accelerator = accelerator or Accelerator()
     torch.manual_seed(config.seed)
     head.set_statistics(store)
@@ -89,7 +93,12 @@ def train_head(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (bs,), generator=g).to(accelerator.device)
         noisy = scheduler.add_noise(clean, noise, t)
         cond = Conditioning(batch["layer_input"], batch["layer_output"], batch["model_output"])
-        pred, scale_pred = model(noisy, t, cond)
+        if config.cond_dropout > 0:
+            # classifier-free guidance: drawn last from g, so the other draws match a cond_dropout=0 run
+            drop = (torch.rand(bs, generator=g) < config.cond_dropout).to(accelerator.device)
+            pred, scale_pred = model(noisy, t, cond, drop)
+        else:
+            pred, scale_pred = model(noisy, t, cond)
         loss_d = F.mse_loss(pred, training_target(scheduler, clean, noise, t))
         loss_s = scale_loss(scale_pred, batch["scale"])
         # The two nets share no parameters, so one backward of the sum trains both independently.
