@@ -93,7 +93,7 @@ def test_model_card_with_evaluation_and_hub_base_model(trained, tmp_path):
     folder = trained.ocd.save_pretrained(tmp_path / "with-eval", evaluation=report)
     card = ModelCard.load(Path(folder) / MODEL_CARD_NAME)
     assert "## Evaluation" in card.text and "| OCD x2 |" in card.text
-    assert card.data.metrics == ["cross_entropy", "accuracy"]
+    assert card.data.metrics == ["cross_entropy", "accuracy", "ece"]
 
     cfg = trained.ocd.config.replace(base_model="sentence-transformers/all-MiniLM-L6-v2", base_model_library="transformers")
     card = ocd_hub.build_model_card(cfg, repo_id="user/ocd-minilm")

@@ -108,26 +108,30 @@ def collect_deltas(
 
 
 class DeltaStore(Dataset):
-    """Memory-mapped view of a finished collection; `store[i]` is a dict of one sample's tensors."""
+    """Memory-mapped view of a finished collection; `store[i]` is a dict of one sample's tensors.
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        mpath = self.path / COLLECTION_MANIFEST
-        if not mpath.exists():
-            raise FileNotFoundError(f"No {COLLECTION_MANIFEST} in {self.path}: not a delta collection.")
-        self.manifest = json.loads(mpath.read_text())
-        n, size = self.manifest["num_samples"], self.manifest["shard_size"]
-        shards = [self.path / SHARD_PATTERN.format(k) for k in range(math.ceil(n / size))]
-        missing = [s.name for s in shards if not s.exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"Collection in {self.path} is incomplete (missing {missing[:5]}); run the collection again to resume."
-            )
-        maps = [_mmap_safetensors(s) for s in shards]
+    A list of folders (e.g. the folds of a cross-fitted collection) reads as one collection, in order;
+    they must target the same layer shape with the same settings.
+    """
+
+    def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike]):
+        paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+        if not paths:
+            raise ValueError("DeltaStore needs at least one collection folder.")
+        self.path = paths[0]
+        self.paths = paths
+        maps, manifests = [], []
+        for folder in paths:
+            manifest, shard_maps = _open_collection(folder)
+            if manifests and {k: v for k, v in manifest.items() if k != "num_samples"} != {
+                k: v for k, v in manifests[0].items() if k != "num_samples"
+            }:
+                raise ValueError(f"Collections {paths[0]} and {folder} were made with different settings; they cannot be read as one.")
+            manifests.append(manifest)
+            maps += shard_maps
+        self.manifest = {**manifests[0], "num_samples": sum(m["num_samples"] for m in manifests)}
         self._arrays = {key: [m[key] for m in maps] for key in maps[0]}
         self._offsets = np.cumsum([0] + [len(a) for a in self._arrays["index"]])
-        if self._offsets[-1] != n:
-            raise ValueError(f"Collection in {self.path} holds {self._offsets[-1]} samples, manifest says {n}.")
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -188,6 +192,25 @@ class DeltaStore(Dataset):
                 total = part if total is None else total + part
             count += len(a)
         return (total / max(count - 1, 1)).sqrt().float()
+
+
+def _open_collection(folder: Path) -> tuple[dict, list[dict[str, np.memmap]]]:
+    mpath = folder / COLLECTION_MANIFEST
+    if not mpath.exists():
+        raise FileNotFoundError(f"No {COLLECTION_MANIFEST} in {folder}: not a delta collection.")
+    manifest = json.loads(mpath.read_text())
+    n, size = manifest["num_samples"], manifest["shard_size"]
+    shards = [folder / SHARD_PATTERN.format(k) for k in range(math.ceil(n / size))]
+    missing = [s.name for s in shards if not s.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"Collection in {folder} is incomplete (missing {missing[:5]}); run the collection again to resume."
+        )
+    maps = [_mmap_safetensors(s) for s in shards]
+    held = sum(len(m["index"]) for m in maps)
+    if held != n:
+        raise ValueError(f"Collection in {folder} holds {held} samples, manifest says {n}.")
+    return manifest, maps
 
 
 _DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32, "F16": np.float16}

@@ -1,10 +1,22 @@
-"""Evaluation on a labelled dataset: base, oracle (overfit on the test label: the paper's upper bound),
-OCD with one draw, OCD ensembles, and how close generated deltas are to the oracle's."""
+"""Evaluation on a labelled test set: OCD against its upper bounds, its ablations and a skeptic's baselines.
+
+Rows (each only when what it needs is given):
+- base; base + temperature scaling (T fitted on `validation`); kNN in i_L space (on `train`);
+- oracle on the selected layer (overfit on the test label: the paper's upper bound); oracle on all layers;
+- OCD (1 draw, with the head's delta_scale), OCD ×N (probability average), OCD mean-weights ×N;
+  OCD at delta_scale 1 when calibration changed it;
+- nearest-neighbour ablation: the delta of the closest collected sample in i_L space (`collection`);
+- no-scale ablation: the same Ω_0 times the mean training scale instead of ρ̂(x);
+- mean-delta control: the mean training delta for every sample;
+- OCD on an alternative layer (`alternative`, e.g. the selection's runner-up).
+Metrics: cross-entropy, accuracy and ECE (15 bins) for classification; RMSE for regression. Also the
+mean cosine of each generated delta to the oracle's, and the sampled Ω_0's health.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -12,8 +24,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .collection import DeltaStore
 from .losses import cross_entropy
-from .overfit import overfit_batch
+from .overfit import overfit_all_layers, overfit_batch
 from .wrapper import combine_draws
 
 
@@ -23,6 +36,9 @@ class EvaluationReport:
     num_samples: int
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
     cosine_to_oracle: dict[str, float] = field(default_factory=dict)
+    # sampled Ω_0 std against the training targets' (see ocd_hf.health)
+    health: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_markdown(self) -> str:
         metrics = list(next(iter(self.rows.values())))
@@ -34,30 +50,120 @@ class EvaluationReport:
             lines.append("Mean cosine to the oracle delta (held-out samples):")
             for name, v in self.cosine_to_oracle.items():
                 lines.append(f"- {name}: {v:.3f}")
+        if self.health:
+            lines.append("")
+            lines.append(f"Sampled Ω_0 std {self.health['omega_std']:.3f} vs training targets {self.health['target_std']:.3f}")
         return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class _Meter:
-    def __init__(self, task: str):
-        self.task, self.n, self.loss, self.correct = task, 0, 0.0, 0
+    """Accumulates per-sample losses (and, for classification, confidences for ECE)."""
+
+    def __init__(self, task: str, bins: int = 15):
+        self.task, self.bins = task, bins
+        self.losses: list[torch.Tensor] = []
+        self.conf: list[torch.Tensor] = []
+        self.hit: list[torch.Tensor] = []
 
     def add(self, out: torch.Tensor, target: torch.Tensor) -> None:
+        out = out.detach().float().cpu()
+        target = target.cpu()
         if self.task == "classification":
-            self.loss += cross_entropy(out, target).sum().item()
-            self.correct += (out.argmax(-1) == target).sum().item()
+            self.losses.append(cross_entropy(out, target).double())
+            p = out.log_softmax(-1).exp()
+            conf, pred = p.max(-1)
+            self.conf.append(conf)
+            self.hit.append((pred == target).float())
         else:
             t = target.to(out.dtype).reshape(out.shape)
-            self.loss += (out - t).pow(2).flatten(1).mean(1).sum().item()
-        self.n += target.shape[0]
+            self.losses.append((out - t).pow(2).flatten(1).mean(1).double())
+
+    def per_sample(self) -> torch.Tensor:
+        return torch.cat(self.losses)
 
     def result(self) -> dict[str, float]:
-        if self.task == "classification":
-            return {"cross_entropy": self.loss / self.n, "accuracy": self.correct / self.n}
-        return {"mse": self.loss / self.n, "rmse": math.sqrt(self.loss / self.n)}
+        loss = float(self.per_sample().mean())
+        if self.task != "classification":
+            return {"rmse": math.sqrt(loss)}
+        conf, hit = torch.cat(self.conf), torch.cat(self.hit)
+        return {"cross_entropy": loss, "accuracy": float(hit.mean()), "ece": expected_calibration_error(conf, hit, self.bins)}
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins: Σ_b |B_b|/n · |acc(B_b) − conf(B_b)|."""
+    edges = torch.linspace(0, 1, bins + 1)
+    idx = torch.bucketize(confidence.clamp(0, 1), edges[1:-1], right=True)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += float(m.float().mean() * (correct[m].mean() - confidence[m].mean()).abs())
+    return ece
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T minimising the NLL of logits / T (Guo et al. 2017), by LBFGS on log T."""
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    logits, labels = logits.detach().float(), labels.detach()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.exp())
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1)
+
+
+@torch.no_grad()
+def _embed(ocd: Any, dataset: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(i_L, base outputs, targets) of a whole dataset."""
+    adapter = ocd.adapter
+    feats, outs, ys = [], [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=adapter.collate_fn()):
+        inputs, targets = adapter.split_batch(adapter.to_device(batch, ocd.device))
+        cond, out = ocd.conditioning(inputs)
+        feats.append(cond.layer_input.float().cpu())
+        outs.append(out.float().cpu())
+        ys.append(targets.cpu())
+    return torch.cat(feats), torch.cat(outs), torch.cat(ys)
+
+
+class _KNN:
+    """kNN on standardised i_L; k chosen on validation when given. Class probabilities are smoothed
+    neighbour frequencies (+0.5 per class) so that cross-entropy stays finite."""
+
+    def __init__(self, feats: torch.Tensor, ys: torch.Tensor, task: str, num_classes: int | None):
+        self.mean, self.std = feats.mean(0), feats.std(0).clamp_min(1e-6)
+        self.feats, self.ys, self.task, self.c = (feats - self.mean) / self.std, ys, task, num_classes
+        self.k = 10
+
+    def __call__(self, feats: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        k = min(k or self.k, len(self.ys))
+        d = torch.cdist((feats.float().cpu() - self.mean) / self.std, self.feats)
+        nn_idx = d.topk(k, largest=False).indices
+        y = self.ys[nn_idx]
+        if self.task == "classification":
+            counts = F.one_hot(y.long(), self.c).float().sum(1) + 0.5
+            return (counts / counts.sum(1, keepdim=True)).log()
+        return y.float().mean(1).reshape(len(feats), -1)
+
+    def choose_k(self, feats: torch.Tensor, ys: torch.Tensor, grid=(1, 5, 10, 25, 50)) -> None:
+        def loss(k):
+            m = _Meter(self.task)
+            m.add(self(feats, k), ys)
+            return float(m.per_sample().mean())
+
+        self.k = min((k for k in grid if k <= len(self.ys)), key=loss)
 
 
 def evaluate(
@@ -67,36 +173,102 @@ def evaluate(
     num_samples: int = 5,
     batch_size: int = 256,
     seed: int = 0,
+    validation: Dataset | None = None,
+    train: Dataset | None = None,
+    collection: DeltaStore | None = None,
+    alternative: Any = None,
+    oracle_all_layers: bool = False,
     progress: bool = True,
 ) -> EvaluationReport:
-    """Compare base, oracle, OCD (1 draw), OCD ×num_samples (probability average) and mean-weights ×num_samples."""
+    """Evaluate `ocd` (a fitted OCDWrapper) on `dataset`; see the module docstring for the rows."""
     c = ocd.config
     task = c.task or "classification"
+    classify = task == "classification"
     adapter = ocd.adapter
     gen = torch.Generator(device=ocd.device).manual_seed(seed)
-    names = ["base", "oracle (overfit on test label)", "OCD", f"OCD x{num_samples}", f"OCD mean-weights x{num_samples}"]
-    meters = {n: _Meter(task) for n in names}
-    cos = {"OCD (1 draw)": [], "mean training delta": []}
+    alt_gen = torch.Generator(device=ocd.device).manual_seed(seed)
+    rows: dict[str, _Meter] = {}
+
+    def meter(name: str) -> _Meter:
+        return rows.setdefault(name, _Meter(task))
+
+    extra: dict[str, Any] = {"delta_scale": c.delta_scale}
+    temperature = knn = None
+    if validation is not None and classify:
+        _, val_out, val_y = _embed(ocd, validation, batch_size)
+        temperature = fit_temperature(val_out, val_y)
+        extra["temperature"] = temperature
+    if train is not None:
+        tr_feats, tr_out, tr_y = _embed(ocd, train, batch_size)
+        knn = _KNN(tr_feats, tr_y, task, tr_out.shape[-1] if classify else None)
+        if validation is not None:
+            val_feats, _, val_y = _embed(ocd, validation, batch_size)
+            knn.choose_k(val_feats, val_y)
+        extra["knn_k"] = knn.k
+    nn_keys = nn_mean = nn_std = None
+    mean_scale = None
+    if collection is not None:
+        nn_keys = collection.column("layer_input").float()
+        nn_mean, nn_std = nn_keys.mean(0), nn_keys.std(0).clamp_min(1e-6)
+        nn_keys = (nn_keys - nn_mean) / nn_std
+        mean_scale = float(collection.column("scale").mean())
+    cos: dict[str, list[torch.Tensor]] = {}
+    omega_std = []
+    n_ocd = f"OCD x{num_samples}"
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=adapter.collate_fn())
     for batch in tqdm(loader, desc="evaluating", disable=not progress):
         inputs, targets = adapter.split_batch(adapter.to_device(batch, ocd.device))
         cond, base_out = ocd.conditioning(inputs)
+        meter("base").add(base_out, targets)
+        if temperature is not None:
+            meter("base + temperature scaling").add(base_out / temperature, targets)
+        if knn is not None:
+            meter("kNN in i_L space").add(knn(cond.layer_input), targets)
         oracle = overfit_batch(
             ocd.module, ocd.layer, inputs, targets, ocd._loss_fn, adapter.forward,
             c.overfit_steps, c.overfit_lr, c.overfit_optimizer, False, c.target,
         ).delta
+        meter("oracle, this layer (test label)").add(ocd.forward_with_deltas(inputs, oracle), targets)
+        if oracle_all_layers:
+            out_all = overfit_all_layers(ocd.module, inputs, targets, ocd._loss_fn, adapter.forward, c.overfit_steps, c.overfit_lr, c.overfit_optimizer)
+            meter("oracle, all layers (test label)").add(out_all, targets)
+
         deltas = ocd.generate_deltas(cond, num_samples, gen)
+        omega_std.append(ocd.last_health.omega_std)
         outs = torch.stack([ocd.forward_with_deltas(inputs, d) for d in deltas])
-        meters["base"].add(base_out, targets)
-        meters[names[1]].add(ocd.forward_with_deltas(inputs, oracle), targets)
-        meters["OCD"].add(outs[0], targets)
-        meters[names[3]].add(combine_draws(outs, task), targets)
-        meters[names[4]].add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
-        cos["OCD (1 draw)"].append(_cosine(deltas[0], oracle))
-        cos["mean training delta"].append(_cosine(ocd.head.mean_delta.reshape(oracle.shape[1:]).expand_as(oracle), oracle))
+        meter("OCD").add(outs[0], targets)
+        meter(n_ocd).add(combine_draws(outs, task), targets)
+        meter(f"OCD mean-weights x{num_samples}").add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
+        raw = deltas[0] / c.delta_scale if c.delta_scale > 0 else None
+        if c.delta_scale != 1.0 and raw is not None:
+            meter("OCD at delta_scale 1").add(ocd.forward_with_deltas(inputs, raw), targets)
+        cos.setdefault("OCD (1 draw)", []).append(_cosine(raw if raw is not None else deltas[0], oracle))
+        if collection is not None:
+            q = (cond.layer_input.float().cpu() - nn_mean) / nn_std
+            nearest = torch.cdist(q, nn_keys).argmin(1)
+            nn_delta = collection.get_batch(nearest.numpy())["delta"].to(oracle.device, oracle.dtype).reshape(oracle.shape)
+            meter("nearest-neighbour delta").add(ocd.forward_with_deltas(inputs, nn_delta), targets)
+            cos.setdefault("nearest-neighbour delta", []).append(_cosine(nn_delta, oracle))
+            if raw is not None:
+                rho = ocd.head.scale_net(ocd.head.normalize(cond)).view(-1, *([1] * (raw.dim() - 1)))
+                no_scale = raw / rho.to(raw.dtype) * mean_scale * c.delta_scale
+                meter("no-scale ablation (mean training ρ)").add(ocd.forward_with_deltas(inputs, no_scale), targets)
+        mean_delta = ocd.head.mean_delta.reshape(oracle.shape[1:]).to(oracle.dtype).expand_as(oracle)
+        meter("mean-delta control").add(ocd.forward_with_deltas(inputs, mean_delta.contiguous()), targets)
+        cos.setdefault("mean training delta", []).append(_cosine(mean_delta, oracle))
+        if alternative is not None:
+            alt_cond, _ = alternative.conditioning(inputs)
+            alt_delta = alternative.generate_deltas(alt_cond, 1, alt_gen)[0]
+            meter(f"OCD on {alternative.config.layer}").add(alternative.forward_with_deltas(inputs, alt_delta), targets)
+    health = {}
+    if c.target_std:
+        health = {"omega_std": sum(omega_std) / len(omega_std), "target_std": float(c.target_std)}
+        health["ratio"] = health["omega_std"] / health["target_std"]
     return EvaluationReport(
         task=task,
         num_samples=num_samples,
-        rows={n: m.result() for n, m in meters.items()},
-        cosine_to_oracle={k: torch.cat(v).mean().item() for k, v in cos.items()},
+        rows={n: m.result() for n, m in rows.items()},
+        cosine_to_oracle={k: float(torch.cat(v).mean()) for k, v in cos.items()},
+        health=health,
+        extra=extra,
     )

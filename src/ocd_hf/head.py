@@ -14,6 +14,7 @@ from .denoiser import ConditionalUNet1D, drop_condition
 from .scale import ScaleNet
 
 _COND_KEYS = ("layer_input", "layer_output", "model_output")
+NORM_CLIP = 10.0
 
 
 class OCDHead(nn.Module):
@@ -30,10 +31,14 @@ class OCDHead(nn.Module):
         self.register_buffer("mean_delta", torch.zeros(*config.target_shape))
 
     def normalize(self, cond: Conditioning) -> Conditioning:
-        """Standardise each conditioning vector with the training set's statistics."""
+        """Standardise each conditioning vector with the training set's statistics.
+
+        Values are clipped to ±NORM_CLIP standard deviations: a unit that never fired in the collection
+        (std ≈ 0) but fires at inference would otherwise reach 1e5 and blow up the scale net's exp.
+        """
         return Conditioning(
             *(
-                (getattr(cond, k).float() - getattr(self, f"{k}_mean")) / getattr(self, f"{k}_std")
+                ((getattr(cond, k).float() - getattr(self, f"{k}_mean")) / getattr(self, f"{k}_std")).clamp(-NORM_CLIP, NORM_CLIP)
                 for k in _COND_KEYS
             )
         )
@@ -59,6 +64,8 @@ class OCDHead(nn.Module):
         """Fill normalisation buffers, the mean delta and the scale net's starting point from a DeltaStore."""
         for k in _COND_KEYS:
             getattr(self, f"{k}_mean").copy_(store.mean(k))
-            getattr(self, f"{k}_std").copy_(store.std(k).clamp_min(1e-6))
+            std = store.std(k)
+            # dead units get a floor relative to the vector's typical spread, not an absolute 1e-6
+            getattr(self, f"{k}_std").copy_(std.clamp_min(max(1e-6, 1e-2 * float(std.mean()))))
         self.mean_delta.copy_(store.mean("delta").reshape(self.mean_delta.shape))
         self.scale_net.init_log_scale(float(store.column("scale").clamp_min(1e-30).log().mean()))

@@ -162,6 +162,53 @@ def overfit_sequential(
     return torch.stack(out)
 
 
+def overfit_all_layers(
+    model: nn.Module,
+    inputs: Any,
+    targets: torch.Tensor,
+    loss_fn: LossFn,
+    forward_fn: ForwardFn = default_forward,
+    steps: int = 3,
+    lr: float = 5e-4,
+    optimizer: str = "adam",
+) -> torch.Tensor:
+    """Outputs after overfitting *every* parameter on each sample alone: the all-layers oracle.
+
+    An upper bound for any single-layer method. Runs one sample at a time (each needs its own copy
+    of all weights); the weights are restored after each sample and the mode after the call.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    outs = []
+    with eval_mode(model):
+        for b in range(targets.shape[0]):
+            x, y = take(inputs, b), targets[b : b + 1]
+            opt = make_optimizer(params, optimizer, lr)
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(forward_fn(model, x), y).sum().backward()
+                opt.step()
+            with torch.no_grad():
+                outs.append(forward_fn(model, x).detach())
+                for p, w in zip(params, saved):
+                    p.copy_(w)
+            model.zero_grad(set_to_none=True)
+    return torch.cat(outs)
+
+
+def take(inputs: Any, b: int) -> Any:
+    """Sample b of a batch (tensors, dicts, lists / tuples of them), keeping the batch dimension."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[b : b + 1]
+    if isinstance(inputs, dict) or hasattr(inputs, "items"):
+        return {k: take(v, b) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        if inputs and all(isinstance(v, (torch.Tensor, dict)) for v in inputs):
+            return type(inputs)(take(v, b) for v in inputs)
+        return inputs[b : b + 1]  # a list of raw samples, e.g. strings
+    return inputs
+
+
 def _batch_size(inputs: Any, targets: torch.Tensor) -> int:
     if isinstance(targets, torch.Tensor):
         return targets.shape[0]

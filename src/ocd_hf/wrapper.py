@@ -10,12 +10,13 @@ import contextlib
 import hashlib
 import os
 import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from .capture import Conditioning, capture_layer, pool
 from .collection import DeltaStore, collect_deltas
@@ -25,6 +26,7 @@ from .integrations import ModelAdapter, get_adapter
 from .losses import LossFn, resolve_loss
 from .modes import eval_mode
 from .per_sample import check_supported, per_sample_weights
+from .health import check_samples
 from .sampling import make_sampling_scheduler, sample_omega
 from .selection import AUTO, SelectionReport
 from .selection import select_layer as run_selection
@@ -144,19 +146,34 @@ class OCDWrapper(nn.Module):
         collect_dir: str | os.PathLike | None = None,
         output_dir: str | os.PathLike | None = None,
         num_train_steps: int | None = None,
+        cross_fit: Callable[[Dataset], Any] | None = None,
+        num_folds: int = 5,
+        eval_dataset: Dataset | None = None,
+        shard_size: int = 4096,
         resume: bool = True,
         accelerator: Accelerator | None = None,
         progress: bool = True,
     ) -> "OCDWrapper":
-        """Overfit every training sample (streamed to `collect_dir`), then train the head on the deltas."""
+        """Overfit every sample (streamed to `collect_dir`), then train the head on the deltas.
+
+        Deltas carry the base model's real errors only on samples it was not trained on: pass a held-out
+        split as `train_dataset`, or pass `cross_fit=train_fn` to collect K-fold out-of-fold deltas on
+        the training set (see `collect`). With `eval_dataset` (held-out, labelled) the head's
+        delta_scale is then chosen on it (`calibrate`), which switches OCD off where it does not help.
+        """
         accelerator = accelerator or Accelerator()
         with contextlib.ExitStack() as stack:
             if collect_dir is None:  # the deltas are only needed until the head is trained
                 collect_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ocd-collect-"))
-            store = self.collect(train_dataset, loss, batch_size=batch_size, collect_dir=collect_dir, accelerator=accelerator, progress=progress)
+            store = self.collect(
+                train_dataset, loss, batch_size=batch_size, collect_dir=collect_dir, shard_size=shard_size,
+                cross_fit=cross_fit, num_folds=num_folds, accelerator=accelerator, progress=progress,
+            )
             if num_train_steps is not None:
                 self.config = self.config.replace(num_train_steps=num_train_steps)
             self.train_head(store, output_dir=output_dir, resume=resume, accelerator=accelerator, progress=progress)
+        if eval_dataset is not None:
+            self.calibrate(eval_dataset, batch_size=max(batch_size, 256), seed=self.config.seed, progress=progress and accelerator.is_main_process)
         return self
 
     def collect(
@@ -167,20 +184,43 @@ class OCDWrapper(nn.Module):
         batch_size: int = 64,
         collect_dir: str | os.PathLike | None = None,
         shard_size: int = 4096,
+        cross_fit: Callable[[Dataset], Any] | None = None,
+        num_folds: int = 5,
         accelerator: Accelerator | None = None,
         progress: bool = True,
     ) -> DeltaStore:
-        """Step 1 of fit: per-sample overfitting of the target layer on `dataset`."""
+        """Step 1 of fit: per-sample overfitting of the target layer on `dataset`.
+
+        cross_fit: `train_fn(subset) -> model` (or its state dict) that trains a fresh base model the way
+        the wrapped one was trained. The data is split into `num_folds` folds; fold k's deltas and I(x)
+        come from a model trained on the other folds, so they carry out-of-sample errors. Costs
+        `num_folds` base trainings; the wrapped model is restored afterwards. Under accelerate the
+        folds are shared out between processes.
+        """
         loss_fn, loss_fields = self._resolve_loss(loss)
         if self.layer is None:  # layer="auto" without selection_data: select on the first samples
             self.select_layer(dataset, loss)
         if collect_dir is None:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="ocd-collect-")
             collect_dir = self._tmpdir.name
-        c = self.config
         pi, np_ = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        if cross_fit is None:
+            self._collect_into(dataset, loss_fn, collect_dir, batch_size, shard_size, progress, pi, np_)
+            paths: str | list[Path] = collect_dir
+            mode = {"mode": "given data"}
+        else:
+            paths = self._cross_fit_collect(dataset, loss_fn, Path(collect_dir), cross_fit, num_folds, batch_size, shard_size, progress, pi, np_)
+            mode = {"mode": "cross_fit", "num_folds": num_folds}
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        self._loss_fn = loss_fn
+        self.config = self.config.replace(**loss_fields, extra={**self.config.extra, "collection": mode})
+        return DeltaStore(paths)
+
+    def _collect_into(self, dataset: Dataset, loss_fn: LossFn, out: Any, batch_size: int, shard_size: int, progress: bool, pi: int, np_: int) -> None:
+        c = self.config
         collect_deltas(
-            self.module, c.layer, dataset, loss_fn, collect_dir,
+            self.module, c.layer, dataset, loss_fn, out,
             split_batch=self.adapter.split_batch,
             forward_fn=self.adapter.forward,
             collate_fn=self.adapter.collate_fn(),
@@ -189,10 +229,30 @@ class OCDWrapper(nn.Module):
             batch_size=batch_size, shard_size=shard_size, progress=progress,
             process_index=pi, num_processes=np_,
         )
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
-        self._loss_fn, self.config = loss_fn, self.config.replace(**loss_fields)
-        return DeltaStore(collect_dir)
+
+    def _cross_fit_collect(
+        self, dataset: Dataset, loss_fn: LossFn, root: Path, train_fn: Callable[[Dataset], Any], num_folds: int,
+        batch_size: int, shard_size: int, progress: bool, pi: int, np_: int,
+    ) -> list[Path]:
+        n = len(dataset)
+        if not 2 <= num_folds <= n:
+            raise ValueError(f"num_folds must be between 2 and the dataset size ({n}); got {num_folds}.")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed)).tolist()
+        folds = [sorted(order[k::num_folds]) for k in range(num_folds)]
+        paths = [root / f"fold-{k}" for k in range(num_folds)]
+        original = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        try:
+            for k in range(pi, num_folds, np_):
+                if _complete(paths[k]):  # resume: this fold's base model need not be retrained
+                    continue
+                rest = [i for j, f in enumerate(folds) if j != k for i in f]
+                fitted = train_fn(_subset(dataset, rest))
+                state = fitted if isinstance(fitted, dict) else get_adapter(fitted).module.state_dict()
+                self.module.load_state_dict(state)
+                self._collect_into(_subset(dataset, folds[k]), loss_fn, paths[k], batch_size, shard_size, progress, 0, 1)
+        finally:
+            self.module.load_state_dict(original)
+        return paths
 
     def train_head(
         self,
@@ -230,6 +290,57 @@ class OCDWrapper(nn.Module):
         self.config = self.config.replace(target_std=float((omega["delta"].flatten(1) / omega["scale"][:, None].clamp_min(1e-12)).std()))
         return self.history
 
+    @torch.no_grad()
+    def calibrate(
+        self,
+        dataset: Dataset,
+        *,
+        grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0),
+        min_gain_se: float = 2.0,
+        batch_size: int = 256,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Choose `delta_scale` on held-out data the base model was not trained on (step 3 of fit).
+
+        Each grid value scales the same generated deltas; the one with the lowest mean loss wins, but
+        only if it beats the base model (delta_scale 0) by `min_gain_se` standard errors of the paired
+        per-sample loss difference, else 0: a head that does not help on validation is switched off
+        instead of shipped. Sets config.delta_scale and returns the per-value mean losses.
+        """
+        from torch.utils.data import DataLoader
+
+        from tqdm.auto import tqdm
+
+        self._require_head()
+        if self._loss_fn is None:
+            raise RuntimeError("No loss known: call fit(...) first, or pass loss= to from_pretrained.")
+        grid = tuple(sorted(set(float(g) for g in grid) | {0.0}))
+        saved, self.config = self.config, self.config.replace(delta_scale=1.0)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        losses: dict[float, list[torch.Tensor]] = {g: [] for g in grid}
+        try:
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.adapter.collate_fn())
+            for batch in tqdm(loader, desc="calibrating delta_scale", disable=not progress):
+                inputs, targets = self.adapter.split_batch(self.adapter.to_device(batch, self.device))
+                cond, base_out = self.conditioning(inputs)
+                delta = self.generate_deltas(cond, 1, gen)[0]
+                for g in grid:
+                    out = base_out if g == 0 else self.forward_with_deltas(inputs, g * delta)
+                    losses[g].append(self._loss_fn(out, targets).double().cpu())
+        finally:
+            self.config = saved
+        per = {g: torch.cat(v) for g, v in losses.items()}
+        mean = {g: float(v.mean()) for g, v in per.items()}
+        best = min(grid, key=lambda g: (mean[g], g))
+        diff = per[best] - per[0.0]
+        se = float(diff.std() / max(len(diff), 1) ** 0.5) if len(diff) > 1 else float("inf")
+        chosen = best if best > 0 and float(diff.mean()) < -min_gain_se * se else 0.0
+        result = {"delta_scale": chosen, "mean_loss": {str(g): m for g, m in mean.items()}, "best": best,
+                  "gain_vs_base": -float(diff.mean()), "gain_se": se, "num_samples": len(diff)}
+        self.config = self.config.replace(delta_scale=chosen, extra={**self.config.extra, "calibration": result})
+        return result
+
     def _resolve_loss(self, loss: str | LossFn | None) -> tuple[LossFn, dict[str, str]]:
         """The loss function and the config fields it implies (applied only once collection succeeds)."""
         loss = loss if loss is not None else (self.config.loss or self.adapter.default_loss)
@@ -252,21 +363,25 @@ class OCDWrapper(nn.Module):
     def generate_deltas(
         self, cond: Conditioning, num_samples: int = 1, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """ρ̂(I(x)) · Ω_0 with Ω_0 from DDIM; returns [num_samples, B, *weight_shape] ([.., B, out] when factored)."""
+        """delta_scale · ρ̂(I(x)) · Ω_0 with Ω_0 from DDIM; returns [num_samples, B, *weight_shape] ([.., B, out] when factored).
+
+        Raises on non-finite samples and warns when their spread leaves the training targets' range
+        (`self.last_health` keeps the numbers of the last call).
+        """
         head = self._require_head()
         head.eval()
         normed = head.normalize(cond)
         omega = sample_omega(
-            head.denoiser, normed, make_sampling_scheduler(self.config), self.config.num_inference_steps, num_samples, generator
+            head.denoiser, normed, make_sampling_scheduler(self.config), self.config.num_inference_steps, num_samples, generator,
+            guidance_scale=self.config.guidance_scale,
         )
-        scale = head.scale_net(normed)
+        self.last_health = check_samples(omega, self.config.target_std)
+        scale = head.scale_net(normed) * self.config.delta_scale
         delta = omega * scale.view(1, -1, *([1] * (omega.dim() - 2)))
         if self.config.target == "factored":
             delta = delta.squeeze(-1)
         if not torch.isfinite(delta).all():
-            raise FloatingPointError(
-                "The head generated non-finite deltas; it is likely diverged (retrain with a lower learning_rate)."
-            )
+            raise FloatingPointError("The head's scale net gave non-finite deltas; it has likely diverged (retrain it with a lower learning_rate).")
         return delta.to(self.layer.weight.dtype)
 
     @torch.no_grad()
@@ -378,3 +493,16 @@ def resolve_layer(adapter: ModelAdapter, name: str | None) -> nn.Module:
         raise ValueError(f"No layer named {name!r} in {type(module).__name__}. Candidate layers: {cands}") from None
     check_supported(layer, name)
     return layer
+
+
+def _subset(dataset: Any, indices: list[int]) -> Any:
+    # HF datasets keep their own type (trainers such as SetFit's expect one); anything else is a Subset
+    return dataset.select(indices) if hasattr(dataset, "select") and hasattr(dataset, "column_names") else Subset(dataset, indices)
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        DeltaStore(folder)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True

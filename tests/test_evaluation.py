@@ -1,0 +1,92 @@
+"""The evaluation's metrics, baselines and ablation rows."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from ocd_hf import OCDWrapper
+from ocd_hf.evaluation import evaluate, expected_calibration_error, fit_temperature
+from ocd_hf.losses import cross_entropy
+from ocd_hf.overfit import make_optimizer, overfit_all_layers, take
+
+from conftest import TINY_HEAD, SmallCNN
+
+
+def test_ece_matches_a_slow_loop():
+    g = torch.Generator().manual_seed(0)
+    conf = torch.rand(500, generator=g)
+    hit = (torch.rand(500, generator=g) < conf ** 2).float()
+    slow = 0.0
+    for b in range(10):
+        lo, hi = b / 10, (b + 1) / 10
+        sel = [i for i in range(500) if (lo < conf[i] <= hi) or (b == 0 and conf[i] == 0)]
+        if sel:
+            slow += len(sel) / 500 * abs(hit[sel].mean() - conf[sel].mean()).item()
+    assert expected_calibration_error(conf, hit, bins=10) == pytest.approx(slow, abs=1e-6)
+    assert expected_calibration_error(torch.ones(4), torch.ones(4)) == pytest.approx(0.0)
+
+
+def test_temperature_recovers_the_generating_temperature():
+    g = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 5, generator=g) * 2
+    labels = torch.multinomial(true_logits.softmax(-1), 1, generator=g).squeeze(1)
+    t = fit_temperature(true_logits * 3.0, labels)  # over-confident by 3x
+    assert t == pytest.approx(3.0, rel=0.1)
+
+
+def test_all_layers_oracle_equals_a_deepcopy_loop():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 1, 8, 8, generator=g), torch.randint(0, 5, (5,), generator=g)
+    before = copy.deepcopy(model.state_dict())
+    out = overfit_all_layers(model, x, y, cross_entropy, steps=3, lr=1e-2)
+    ref = []
+    for b in range(5):
+        m = copy.deepcopy(model).eval()
+        opt = make_optimizer(list(m.parameters()), "adam", 1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            cross_entropy(m(x[b : b + 1]), y[b : b + 1]).sum().backward()
+            opt.step()
+        ref.append(m(x[b : b + 1]).detach())
+    torch.testing.assert_close(out, torch.cat(ref), atol=1e-5, rtol=1e-5)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+    assert cross_entropy(out, y).mean() < cross_entropy(model(x), y).mean()
+
+
+def test_take_slices_nested_batches():
+    batch = {"a": torch.arange(6).reshape(3, 2), "b": [torch.arange(3), torch.zeros(3, 1)]}
+    one = take(batch, 1)
+    assert one["a"].tolist() == [[2, 3]] and one["b"][0].tolist() == [1]
+    assert take(["x", "y", "z"], 2) == ["z"]
+
+
+def test_evaluate_reports_every_row(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 5, (64,), generator=g))
+    train, val, test = (torch.utils.data.Subset(data, r) for r in (range(32), range(32, 48), range(48, 64)))
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    ocd = OCDWrapper.from_pretrained(model, layer="fc1", num_train_steps=5, **TINY_HEAD)
+    store = ocd.collect(train, "cross_entropy", collect_dir=tmp_path / "c", progress=False)
+    ocd.train_head(store, progress=False)
+    ocd.config = ocd.config.replace(delta_scale=0.5)
+    alt = OCDWrapper.from_pretrained(model, layer="fc2", num_train_steps=5, **TINY_HEAD).fit(train, "cross_entropy", progress=False)
+    r = evaluate(ocd, test, num_samples=3, validation=val, train=train, collection=store, alternative=alt, oracle_all_layers=True, progress=False)
+    expected = {
+        "base", "base + temperature scaling", "kNN in i_L space", "oracle, this layer (test label)",
+        "oracle, all layers (test label)", "OCD", "OCD x3", "OCD mean-weights x3", "OCD at delta_scale 1",
+        "nearest-neighbour delta", "no-scale ablation (mean training ρ)", "mean-delta control", "OCD on fc2",
+    }
+    assert set(r.rows) == expected
+    assert all(set(v) == {"cross_entropy", "accuracy", "ece"} for v in r.rows.values())
+    assert set(r.cosine_to_oracle) == {"OCD (1 draw)", "nearest-neighbour delta", "mean training delta"}
+    assert r.health["target_std"] > 0 and r.extra["delta_scale"] == 0.5
+    base_ce = cross_entropy(model(torch.stack([test[i][0] for i in range(16)])), torch.stack([test[i][1] for i in range(16)])).mean()
+    assert r.rows["base"]["cross_entropy"] == pytest.approx(float(base_ce), rel=1e-5)
+    assert r.rows["oracle, all layers (test label)"]["cross_entropy"] < r.rows["base"]["cross_entropy"]
+    assert "| OCD on fc2 |" in r.to_markdown()
