@@ -233,26 +233,32 @@ def evaluate(
             out_all = overfit_all_layers(ocd.module, inputs, targets, ocd._loss_fn, adapter.forward, c.overfit_steps, c.overfit_lr, c.overfit_optimizer)
             meter("oracle, all layers (test label)").add(out_all, targets)
 
-        deltas = ocd.generate_deltas(cond, num_samples, gen)
+        saved = ocd.config
+        ocd.config = saved.replace(delta_scale=1.0)  # raw deltas, so the uncalibrated row exists even at delta_scale 0
+        try:
+            raw_all = ocd.generate_deltas(cond, num_samples, gen)
+        finally:
+            ocd.config = saved
+        deltas = raw_all * c.delta_scale
         omega_std.append(ocd.last_health.omega_std)
         outs = torch.stack([ocd.forward_with_deltas(inputs, d) for d in deltas])
         meter("OCD").add(outs[0], targets)
         meter(n_ocd).add(combine_draws(outs, task), targets)
         meter(f"OCD mean-weights x{num_samples}").add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
-        raw = deltas[0] / c.delta_scale if c.delta_scale > 0 else None
-        if c.delta_scale != 1.0 and raw is not None:
+        raw = raw_all[0]
+        if c.delta_scale != 1.0:
             meter("OCD at delta_scale 1").add(ocd.forward_with_deltas(inputs, raw), targets)
-        cos.setdefault("OCD (1 draw)", []).append(_cosine(raw if raw is not None else deltas[0], oracle))
+        cos.setdefault("OCD (1 draw)", []).append(_cosine(raw, oracle))
         if collection is not None:
             q = (cond.layer_input.float().cpu() - nn_mean) / nn_std
             nearest = torch.cdist(q, nn_keys).argmin(1)
             nn_delta = collection.get_batch(nearest.numpy())["delta"].to(oracle.device, oracle.dtype).reshape(oracle.shape)
             meter("nearest-neighbour delta").add(ocd.forward_with_deltas(inputs, nn_delta), targets)
             cos.setdefault("nearest-neighbour delta", []).append(_cosine(nn_delta, oracle))
-            if raw is not None:
-                rho = ocd.head.scale_net(ocd.head.normalize(cond)).view(-1, *([1] * (raw.dim() - 1)))
-                no_scale = raw / rho.to(raw.dtype) * mean_scale * c.delta_scale
-                meter("no-scale ablation (mean training ρ)").add(ocd.forward_with_deltas(inputs, no_scale), targets)
+            rho = ocd.head.scale_net(ocd.head.normalize(cond)).view(-1, *([1] * (raw.dim() - 1)))
+            # the same Ω_0 at the mean training scale, uncalibrated like the row it ablates
+            no_scale = raw / rho.to(raw.dtype) * mean_scale
+            meter("no-scale ablation (mean training ρ)").add(ocd.forward_with_deltas(inputs, no_scale), targets)
         mean_delta = ocd.head.mean_delta.reshape(oracle.shape[1:]).to(oracle.dtype).expand_as(oracle)
         meter("mean-delta control").add(ocd.forward_with_deltas(inputs, mean_delta.contiguous()), targets)
         cos.setdefault("mean training delta", []).append(_cosine(mean_delta, oracle))
