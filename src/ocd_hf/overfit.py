@@ -18,6 +18,7 @@ from .capture import capture_layer, pool
 from .losses import LossFn
 from .modes import eval_mode
 from .per_sample import is_hf_conv1d, out_features, per_sample_weights
+from .prefix import reuse_prefix
 
 ForwardFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -61,6 +62,7 @@ def overfit_batch(
     optimizer: str = "adam",
     include_bias: bool = False,
     target: str = "full",
+    reuse: bool = True,
 ) -> OverfitResult:
     """Overfit `layer` on every sample of the batch separately; the model is in eval mode meanwhile.
 
@@ -86,7 +88,8 @@ def overfit_batch(
             delta_bias = torch.zeros(batch, *layer.bias.shape, device=weight.device, dtype=weight.dtype, requires_grad=True)
             params.append(delta_bias)
         opt = make_optimizer(params, optimizer, lr)
-        with per_sample_weights(layer, delta, delta_bias, input_factor="auto" if direct else None):
+        # the layers before `layer` see the same inputs at every step: run them once (ocd_hf.prefix)
+        with reuse_prefix(model, layer, reuse), per_sample_weights(layer, delta, delta_bias, input_factor="auto" if direct else None):
             for step in range(steps):
                 if step == 0:
                     # Δ = 0 here, so this forward is the unmodified pass: I(x) comes from it for free.

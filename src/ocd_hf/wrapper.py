@@ -26,6 +26,7 @@ from .integrations import ModelAdapter, get_adapter
 from .losses import LossFn, resolve_loss
 from .modes import eval_mode
 from .per_sample import check_supported, per_sample_weights
+from .prefix import reuse_prefix
 from .health import check_samples
 from .sampling import make_sampling_scheduler, sample_omega
 from .selection import AUTO, SelectionReport
@@ -57,6 +58,9 @@ class OCDWrapper(nn.Module):
         self._selection_kwargs: dict[str, Any] = {}
         self.head = head
         self._loss_fn: LossFn | None = resolve_loss(config.loss) if config.loss else None
+        # reuse what runs before the target layer across the passes of one call (ocd_hf.prefix); turn
+        # off for models whose forward before the layer is not a pure function of the inputs
+        self.reuse_prefix = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -323,11 +327,12 @@ class OCDWrapper(nn.Module):
             loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.adapter.collate_fn())
             for batch in tqdm(loader, desc="calibrating delta_scale", disable=not progress):
                 inputs, targets = self.adapter.split_batch(self.adapter.to_device(batch, self.device))
-                cond, base_out = self.conditioning(inputs)
-                delta = self.generate_deltas(cond, 1, gen)[0]
-                for g in grid:
-                    out = base_out if g == 0 else self.forward_with_deltas(inputs, g * delta)
-                    losses[g].append(self._loss_fn(out, targets).double().cpu())
+                with reuse_prefix(self.module, self.layer, self.reuse_prefix):
+                    cond, base_out = self.conditioning(inputs)
+                    delta = self.generate_deltas(cond, 1, gen)[0]
+                    for g in grid:
+                        out = base_out if g == 0 else self.forward_with_deltas(inputs, g * delta)
+                        losses[g].append(self._loss_fn(out, targets).double().cpu())
         finally:
             self.config = saved
         per = {g: torch.cat(v) for g, v in losses.items()}
@@ -408,11 +413,12 @@ class OCDWrapper(nn.Module):
         """
         if ensemble not in ENSEMBLES:
             raise ValueError(f"ensemble={ensemble!r}; choose one of {list(ENSEMBLES)}.")
-        cond, _ = self.conditioning(inputs)
-        deltas = self.generate_deltas(cond, num_samples, generator)
-        if ensemble == "mean_weights":
-            deltas = deltas.mean(0, keepdim=True)
-        outs = torch.stack([self.forward_with_deltas(inputs, d) for d in deltas])
+        with reuse_prefix(self.module, self.layer, self.reuse_prefix):
+            cond, _ = self.conditioning(inputs)
+            deltas = self.generate_deltas(cond, num_samples, generator)
+            if ensemble == "mean_weights":
+                deltas = deltas.mean(0, keepdim=True)
+            outs = torch.stack([self.forward_with_deltas(inputs, d) for d in deltas])
         if outs.shape[0] == 1:
             return outs[0]
         return combine_draws(outs, self.config.task if ensemble == "probs" else None)

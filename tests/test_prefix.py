@@ -1,0 +1,111 @@
+"""Prefix reuse: later passes skip the layers before the target and give the same outputs."""
+
+import torch
+from torch import nn
+
+from ocd_hf import OCDWrapper
+from ocd_hf.losses import cross_entropy
+from ocd_hf.overfit import overfit_batch
+from ocd_hf.prefix import reuse_prefix
+
+from conftest import TINY_HEAD
+
+
+class Counted(nn.Module):
+    """A Linear that counts how often its forward really runs."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+        self.runs = 0
+
+    def forward(self, x):
+        self.runs += 1
+        return self.lin(x)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = Counted(6, 8)
+        self.shared = nn.Linear(8, 8)  # called twice: never reused
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True))
+        self.target = nn.Linear(8, 8)
+        self.tuple_mod = TupleOut()
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.pre(x)
+        h.relu_()  # an in-place edit of a reused output: must not compound across passes
+        h = self.shared(self.shared(h))
+        a, b = self.tuple_mod(h)
+        h = self.block(a + b)
+        return self.out(torch.relu(self.target(h)))
+
+
+class TupleOut(nn.Module):
+    def forward(self, h):
+        return h * 2, h - 1
+
+
+def _model():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def test_reused_passes_equal_full_passes_and_skip_the_prefix():
+    m = _model()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    deltas = [torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(i)) * 0.1 for i in range(3)]
+    ocd = OCDWrapper.from_pretrained(m, layer="target")
+    ocd.reuse_prefix = False
+    full = [ocd.forward_with_deltas(x, d) for d in deltas]
+    m.pre.runs = 0
+    with reuse_prefix(m, m.target) as cache:
+        base = m(x)
+        reused = [ocd.forward_with_deltas(x, d) for d in deltas]
+    assert m.pre.runs == 1  # the prefix ran once for four passes
+    assert m.shared not in cache.outputs and m.pre in cache.outputs and m.tuple_mod in cache.outputs
+    for a, b in zip(full, reused):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(base, m(x), atol=0, rtol=0)
+    # the block leaves nothing behind: the class forward is back
+    assert "forward" not in m.pre.__dict__ and m.pre(x) is not None and m.pre.runs == 3
+
+
+def test_overfit_batch_same_with_and_without_reuse():
+    m = _model()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(7, 6, generator=g), torch.randint(0, 3, (7,), generator=g)
+    a = overfit_batch(m, m.target, x, y, cross_entropy, steps=3, lr=1e-2, reuse=True)
+    b = overfit_batch(m, m.target, x, y, cross_entropy, steps=3, lr=1e-2, reuse=False)
+    torch.testing.assert_close(a.delta, b.delta, atol=0, rtol=0)
+    torch.testing.assert_close(a.layer_input, b.layer_input, atol=0, rtol=0)
+
+
+def test_wrapper_forward_same_with_and_without_reuse():
+    m = _model()
+    g = torch.Generator().manual_seed(3)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    ocd = OCDWrapper.from_pretrained(m, layer="target", num_train_steps=3, **TINY_HEAD).fit(data, "cross_entropy", progress=False)
+    x = data.tensors[0][:9]
+    m.pre.runs = 0
+    on = ocd(x, num_samples=3, generator=torch.Generator().manual_seed(0))
+    assert m.pre.runs == 1
+    ocd.reuse_prefix = False
+    off = ocd(x, num_samples=3, generator=torch.Generator().manual_seed(0))
+    assert m.pre.runs == 5
+    torch.testing.assert_close(on, off, atol=0, rtol=0)
+
+
+def test_a_layer_inside_the_prefix_of_another_is_not_frozen():
+    # reuse is keyed to one target layer; the prefix of `target` contains block.0, which must still
+    # respond to weights when it is itself the target
+    m = _model()
+    x = torch.randn(4, 6)
+    ocd = OCDWrapper.from_pretrained(m, layer="block.0")
+    d = torch.randn(4, 8, 8) * 0.5
+    with reuse_prefix(m, m.block[0]):
+        m(x)
+        changed = ocd.forward_with_deltas(x, d)
+    assert not torch.allclose(changed, m(x))
