@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,8 +25,18 @@ test: $(STAMP)
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# The paper's tables (4 tasks x 3 seeds, ~1.5 h on 2 cores; resumes from build/bench-runs), the speed
+# table, then docs/results.md. DATA is the folder with vision/, tabular/, text/.
+DATA ?= ../shared/data
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/overfit_speed.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/paper_tables.py --jobs 2 --data-root $(DATA)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/render_results.py
+
+# the same benchmarks at toy sizes (a smoke test; CI runs it inside `make test`)
+bench-quick: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/paper_tables.py --quick --data-root $(DATA) --out-dir build/bench-quick --runs-dir build/bench-quick/runs --force
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/speed.py --quick --out-dir build/bench-quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -5,8 +5,9 @@ ideas of "make OCD actually help" (held-out collection, overfit budget, guidance
     python benchmarks/paper_tables.py --quick --out-dir /tmp/x   # a smoke test (tiny sizes, ~2 min)
     python benchmarks/paper_tables.py --jobs 2             # runs (task, seed) pairs in 2 processes
 
-Each (task, seed) run is saved to <out-dir>/runs/<task>-seed<seed>.json as soon as it finishes and is
-skipped when present (delete it or pass --force to rerun); the tables are rebuilt from all saved runs.
+Each (task, seed) run is saved to <runs-dir>/<task>-seed<seed>.json (default build/bench-runs) as soon as
+it finishes and is skipped when present, so an interrupted run resumes (--force reruns); the tables
+are rebuilt from the saved runs of the requested tasks and seeds.
 Per run, on the task's own train / val / test split (benchmarks/tasks.py):
 - heads: "train collection" (deltas on the base model's own training samples: the paper's recipe),
   "cross-fit collection" (K-fold out-of-fold deltas, base refit per fold), the selection's best other
@@ -366,7 +367,7 @@ def ideas_markdown(name: str, rs: list[dict], metric: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- main
 def _worker(job: tuple[str, int, argparse.Namespace]) -> tuple[str, int, str | None]:
     name, seed, args = job
-    path = Path(args.out_dir) / "runs" / f"{name}-seed{seed}.json"
+    path = Path(args.runs_dir) / f"{name}-seed{seed}.json"
     try:
         rec = run_one(name, seed, args)
     except Exception as e:  # one failed run must not lose the others; the failure is reported at the end
@@ -391,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--data-root", default=str(DEFAULT_DATA), help="folder with vision/, tabular/, text/ (default ../shared/data)")
-    p.add_argument("--out-dir", default=str(DEFAULT_OUT))
+    p.add_argument("--out-dir", default=str(DEFAULT_OUT), help="where paper_tables.{json,md} go")
+    p.add_argument("--runs-dir", default=str(ROOT / "build" / "bench-runs"), help="one JSON per finished (task, seed) run; reruns skip them")
     p.add_argument("--quick", action="store_true", help="tiny sizes and budgets: a smoke test, numbers mean nothing")
     p.add_argument("--jobs", type=int, default=1, help="(task, seed) runs in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -408,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--data-root {args.data_root} is not a folder (it needs vision/, tabular/ and text/ from ../shared/data).")
     # the slowest tasks first, so that parallel workers finish together
     order = sorted(args.tasks, key=lambda t: -SLOWNESS.get(t, 0))
-    jobs = [(t, s, args) for t in order for s in args.seeds if args.force or not (out / "runs" / f"{t}-seed{s}.json").exists()]
+    runs_dir = Path(args.runs_dir)
+    jobs = [(t, s, args) for t in order for s in args.seeds if args.force or not (runs_dir / f"{t}-seed{s}.json").exists()]
     t0 = time.perf_counter()
     failures = []
     if args.jobs > 1 and len(jobs) > 1:
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name} seed {seed}: {'FAILED' if err else 'done'} ({time.perf_counter() - t0:.0f}s)", flush=True)
             if err:
                 failures.append((name, seed, err))
-    runs = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json"))
+    runs = [json.loads(f.read_text()) for f in sorted(runs_dir.glob("*.json"))
             if f.stem.rsplit("-seed", 1)[0] in args.tasks and int(f.stem.rsplit("-seed", 1)[1]) in args.seeds]
     summary, md = aggregate(runs)
     meta = {"command": "python benchmarks/paper_tables.py " + " ".join(argv if argv is not None else sys.argv[1:]),

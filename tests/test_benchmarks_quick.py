@@ -113,3 +113,31 @@ def test_tasks_quick():
         assert outputs(fresh, task.test).shape == base_out.shape, name
         if isinstance(task.train, TensorDataset):  # same seed, same data -> the same model
             assert torch.equal(outputs(task.train_fn(task.train), task.test), base_out), f"{name}: train_fn is not deterministic"
+
+
+def test_paper_tables_quick(tmp_path):
+    """`paper_tables.py --quick` on one task and seed: every row, the ideas and the markdown come out."""
+    data_root = ROOT.parent / "shared" / "data"
+    if not data_root.is_dir():
+        import pytest
+
+        pytest.skip(f"{data_root} (the offline data) is not here")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "paper_tables.py"), "--quick", "--tasks", "digits", "--seeds", "0",
+         "--data-root", str(data_root), "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "paper_tables.json").read_text())
+    (run,) = result["runs"]
+    for row in ("base", "base + temperature scaling", "kNN in i_L space", "oracle, this layer (test label)",
+                "oracle, all layers (test label)", "OCD (train collection)", "OCD (cross-fit collection)",
+                "nearest-neighbour delta", "no-scale ablation (mean training ρ)", "mean-delta control"):
+        assert row in run["rows"], row
+        assert all(math.isfinite(v) for v in run["rows"][row].values())
+    assert any(r.startswith("OCD on the runner-up layer") for r in run["rows"])
+    assert {"train collection", "cross-fit collection"} <= set(run["calibration"])
+    assert any(k.startswith("guidance w=") for k in run["ideas"]) and any(k.startswith("budget:") for k in run["ideas"])
+    md = (tmp_path / "paper_tables.md").read_text()
+    assert "### digits" in md and "Verdicts (cross_entropy)" in md
