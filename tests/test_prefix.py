@@ -109,3 +109,21 @@ def test_a_layer_inside_the_prefix_of_another_is_not_frozen():
         m(x)
         changed = ocd.forward_with_deltas(x, d)
     assert not torch.allclose(changed, m(x))
+
+
+def test_selection_losses_same_with_and_without_reuse():
+    from ocd_hf.integrations import get_adapter
+    from ocd_hf.selection import perturbed_losses
+
+    m = _model()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 6, generator=g), torch.randint(0, 3, (6,), generator=g)
+    adapter = get_adapter(m)
+    runs = []
+    for reuse in (True, False):
+        m.pre.runs = 0
+        # 7 perturbations in chunks of 3: two full chunks share the prefix, the last one runs alone
+        losses = perturbed_losses(adapter, m.target, x, y, cross_entropy, 7, 0.1, torch.Generator().manual_seed(0), chunk_size=3, reuse=reuse)
+        runs.append((losses, m.pre.runs))
+    torch.testing.assert_close(runs[0][0], runs[1][0], atol=0, rtol=0)
+    assert runs[0][1] == 2 and runs[1][1] == 3

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from .integrations import ModelAdapter, get_adapter
 from .losses import LossFn, resolve_loss
 from .modes import eval_mode
+from .prefix import reuse_prefix
 from .per_sample import is_hf_conv1d, is_supported, per_sample_weights
 
 AUTO = "auto"
@@ -386,6 +387,7 @@ def perturbed_losses(
     chunk_size: int | None = None,
     max_chunk_elements: int = 2**21,
     max_chunk_rows: int = 2048,
+    reuse: bool = True,
 ) -> torch.Tensor:
     """Per-sample losses [N, K] with K independent draws W + ε_k, ε_k ~ N(0, perturbation_std²).
 
@@ -403,13 +405,11 @@ def perturbed_losses(
     eps_buf = torch.empty((chunk_size, *shape), device=w.device, dtype=w.dtype)
     delta_buf = torch.empty((chunk_size * n, *shape), device=w.device, dtype=w.dtype)
     out = torch.empty(num_perturbations, n, dtype=torch.float64)
-    repeated: dict[int, tuple[Any, torch.Tensor]] = {}
+    full, rest = divmod(num_perturbations, chunk_size)
     done = 0
-    while done < num_perturbations:
-        p = min(chunk_size, num_perturbations - done)
-        if p not in repeated:
-            repeated[p] = (_repeat(inputs, n, p), _repeat(targets, n, p))
-        x, y = repeated[p]
+
+    def run_chunk(p: int, x: Any, y: torch.Tensor) -> None:
+        nonlocal done
         eps = eps_buf[:p].normal_(0.0, perturbation_std, generator=generator)
         delta = delta_buf[: p * n]
         delta.view(p, n, *shape).copy_(eps[:, None].expand(p, n, *shape))
@@ -417,6 +417,15 @@ def perturbed_losses(
             losses = loss_fn(adapter.forward(adapter.module, x), y)
         out[done : done + p] = losses.view(p, n).to(device="cpu", dtype=torch.float64)
         done += p
+
+    # every full chunk feeds the same repeated batch: the layers before `layer` run once (ocd_hf.prefix);
+    # the smaller last chunk has another batch size and runs on its own
+    x, y = _repeat(inputs, n, chunk_size), _repeat(targets, n, chunk_size)
+    with reuse_prefix(adapter.module, layer, reuse):
+        for _ in range(full):
+            run_chunk(chunk_size, x, y)
+    if rest:
+        run_chunk(rest, _repeat(inputs, n, rest), _repeat(targets, n, rest))
     return out.T.contiguous()
 
 
