@@ -306,7 +306,8 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
             md.append(f"| {row} | " + " | ".join(fmt([v[m] for v in vals]) for m in metrics) + " |")
         md.append("")
         cos_keys = sorted({k for x in rs for k in x["cosine"]})
-        md.append("Mean cosine of deltas to the oracle's: " + "; ".join(f"{k} {fmt([x['cosine'][k] for x in rs if k in x['cosine']])}" for k in cos_keys) + ".")
+        md.append("Mean cosine of deltas to the oracle's (per head: generated, nearest-neighbour, mean training delta): " + "; ".join(
+            f"{k.replace(': OCD (1 draw)', ': generated')} {fmt([x['cosine'][k] for x in rs if k in x['cosine']])}" for k in cos_keys) + ".")
         cal = {lab: [x["calibration"][lab]["delta_scale"] for x in rs if lab in x["calibration"]] for lab in ("train collection", "cross-fit collection", "alternative layer")}
         md.append("Calibrated delta_scale per seed: " + "; ".join(f"{k} {v}" for k, v in cal.items() if v) + ".")
         hl = {k: [x["health"][k]["ratio"] for x in rs if k in x["health"]] for k in sorted({k for x in rs for k in x["health"]})}
@@ -328,6 +329,7 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
         if any("ideas" in r for r in rs):
             md += ideas_markdown(name, rs, metric)
             summary[name]["ideas"] = {k: v for k, v in _ideas_table(rs, metric).items()}
+    md += across_tasks({k: sorted(v, key=lambda r: r["seed"]) for k, v in by_task.items()})
     return summary, "\n".join(md) + "\n"
 
 
@@ -339,29 +341,99 @@ def _ideas_table(rs: list[dict], metric: str) -> dict[str, dict]:
     labels = [k for k in rs[0]["ideas"] if all(k in r.get("ideas", {}) for r in rs)]
     out = {}
     for lab in labels:
-        ocd = [r["ideas"][lab]["rows"]["OCD"][metric] for r in rs]
+        # an ensemble variant is scored by its ensemble row, every other by the single draw
+        main = lab.split(" ")[1] if lab.startswith("ensemble x") else None
+        key = f"OCD {main}" if main else "OCD"
+        ocd = [r["ideas"][lab]["rows"][key][metric] for r in rs]
         base = [r["ideas"][lab]["rows"]["base"][metric] for r in rs]
         extra = {}
         for k in ("OCD x5", "OCD x10", "OCD at delta_scale 1"):
             if all(k in r["ideas"][lab]["rows"] for r in rs):
                 extra[k] = mean_sd([r["ideas"][lab]["rows"][k][metric] for r in rs])
         knob = [r["ideas"][lab].get("delta_scale", r["ideas"][lab].get("tau")) for r in rs]
-        out[lab] = {"ocd": mean_sd(ocd), "base": mean_sd(base), "diff": paired(rs, lambda r: r["ideas"][lab]["rows"]["OCD"][metric], lambda r: r["ideas"][lab]["rows"]["base"][metric]), "extra": extra, "knob": knob}
+        out[lab] = {"ocd": mean_sd(ocd), "base": mean_sd(base), "diff": paired(rs, lambda r: r["ideas"][lab]["rows"][key][metric], lambda r: r["ideas"][lab]["rows"]["base"][metric]), "extra": extra, "knob": knob}
     return out
+
+
+def budget_by_validation(rs: list[dict], metric: str) -> dict[str, Any] | None:
+    """Per seed, the overfit budget (default or a BUDGETS variant, cross-fit collection) with the lowest
+    validation loss at its calibrated delta_scale; its test metric. This is 'the budget tuned on validation'."""
+    picks, tests = [], []
+    for r in rs:
+        options = {"3 steps, lr 5e-4 (default)": ("cross-fit collection", r["rows"].get("OCD (cross-fit collection)"))}
+        for lab in BUDGETS:
+            idea = r.get("ideas", {}).get(f"budget: {lab} (cross-fit collection)")
+            options[lab] = (f"budget {lab}, cross-fit collection", idea["rows"]["OCD"] if idea else None)
+        val = {}
+        for lab, (cal_key, row) in options.items():
+            cal = r["calibration"].get(cal_key)
+            if cal is not None and row is not None:
+                val[lab] = cal["mean_loss"][str(float(cal["delta_scale"]))]
+        if not val:
+            return None
+        best = min(val, key=val.get)
+        picks.append(best)
+        tests.append(options[best][1][metric])
+    base = [r["rows"]["base"][metric] for r in rs]
+    return {"picks": picks, "ocd": mean_sd(tests), "diff": paired(rs, lambda r: tests[rs.index(r)], lambda r: r["rows"]["base"][metric]), "base": mean_sd(base)}
 
 
 def ideas_markdown(name: str, rs: list[dict], metric: str) -> list[str]:
     t = _ideas_table(rs, metric)
     md = [f"#### {name}: ideas (test {metric}, mean ± SD over {len(rs)} seeds; base {fmt([r['rows']['base'][metric] for r in rs])})", "",
-          f"| variant | OCD, calibrated | OCD − base (per seed) | uncalibrated (delta_scale 1) | ensemble | delta_scale or τ per seed |", "|---|---|---|---|---|---|"]
+          f"| variant | OCD, calibrated (ensembles: the ensemble) | OCD − base (per seed) | uncalibrated (delta_scale 1) | ensemble | delta_scale or τ per seed |", "|---|---|---|---|---|---|"]
     for lab, v in t.items():
         d = v["diff"]
         ens = "; ".join(f"{k}: {m:.4f} ± {s:.4f}" for k, (m, s) in v["extra"].items() if k != "OCD at delta_scale 1")
         unc = v["extra"].get("OCD at delta_scale 1")
         md.append(f"| {lab} | {v['ocd'][0]:.4f} ± {v['ocd'][1]:.4f} | {d['mean']:+.4f} ± {d['sd']:.4f} (lower in {d['lower_in']}/{d['n']}) | "
                   f"{'' if unc is None else f'{unc[0]:.4f} ± {unc[1]:.4f}'} | {ens} | {v['knob']} |")
+    ref = {k: fmt([r["rows"][k][metric] for r in rs]) for k in ("base", "oracle, this layer (test label)", "nearest-neighbour delta") if all(k in r["rows"] for r in rs)}
+    b = budget_by_validation(rs, metric)
+    if b is not None:
+        d = b["diff"]
+        md.append(f"| budget chosen on validation (cross-fit collection) | {b['ocd'][0]:.4f} ± {b['ocd'][1]:.4f} | "
+                  f"{d['mean']:+.4f} ± {d['sd']:.4f} (lower in {d['lower_in']}/{d['n']}) |  |  | {b['picks']} |")
+    md.append("")
+    md.append("For reference on the same seeds: " + "; ".join(f"{k} {v}" for k, v in ref.items()) + ".")
     md.append("")
     return md
+
+
+def across_tasks(by_task: dict[str, list[dict]]) -> list[str]:
+    """One row per variant, one column per task: OCD − base (mean ± SD over seeds, seeds where OCD is lower)."""
+    cols = list(by_task)
+    metric_of = {t: ("rmse" if rs[0]["kind"] == "regression" else "cross_entropy") for t, rs in by_task.items()}
+    cells: dict[str, dict[str, str]] = {}
+
+    def put(label, task, p):
+        cells.setdefault(label, {})[task] = f"{p['mean']:+.4f} ± {p['sd']:.4f} ({p['lower_in']}/{p['n']})"
+
+    for t, rs in by_task.items():
+        m = metric_of[t]
+        base = lambda r: r["rows"]["base"][m]  # noqa: E731
+        for row, label in (("OCD (train collection) at delta_scale 1", "train collection, uncalibrated (the paper's recipe)"),
+                           ("OCD (train collection)", "train collection, delta_scale from val"),
+                           ("OCD (train collection) x5", "train collection, delta_scale from val, x5"),
+                           ("OCD (cross-fit collection) at delta_scale 1", "cross-fit collection, uncalibrated"),
+                           ("OCD (cross-fit collection)", "cross-fit collection, delta_scale from val"),
+                           ("nearest-neighbour delta", "nearest-neighbour delta (train collection)"),
+                           ("base + temperature scaling", "temperature scaling (no OCD)"),
+                           ("kNN in i_L space", "kNN (no OCD)")):
+            if all(row in r["rows"] for r in rs):
+                put(label, t, paired(rs, lambda r, row=row: r["rows"][row][m], base))
+        for lab in _ideas_table(rs, m) if all("ideas" in r for r in rs) else {}:
+            put(lab + (", τ from val, delta_scale 1" if lab.startswith("confidence gate") else ", delta_scale from val"), t, _ideas_table(rs, m)[lab]["diff"])
+        b = budget_by_validation(rs, m) if all("ideas" in r for r in rs) else None
+        if b is not None:
+            put("budget chosen on validation (cross-fit collection)", t, b["diff"])
+    md = ["## Every variant against the base model, across tasks", "",
+          "OCD − base on each task's test metric (" + ", ".join(f"{t}: {metric_of[t]}" for t in cols) + "), mean ± SD over seeds, "
+          "and in how many seeds the variant was lower (better). Negative is better.", "",
+          "| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for label, row in cells.items():
+        md.append(f"| {label} | " + " | ".join(row.get(t, "") for t in cols) + " |")
+    return md + [""]
 
 
 # ---------------------------------------------------------------------------------------------- main
