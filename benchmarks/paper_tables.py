@@ -258,13 +258,14 @@ def paired(runs: list[dict], a_get, b_get) -> dict[str, float]:
     """a − b per seed: mean, SD, and how many seeds have a < b (lower is better for every metric used)."""
     d = [a_get(r) - b_get(r) for r in runs]
     m, s = mean_sd(d)
-    return {"mean": m, "sd": s, "n": len(d), "lower_in": sum(x < 0 for x in d)}
+    # below 1e-9 is rounding (e.g. an ensemble of identical draws), not a difference
+    return {"mean": m, "sd": s, "n": len(d), "lower_in": sum(x < -1e-9 for x in d)}
 
 
 def verdict(p: dict[str, float], metric: str, what: str, than: str) -> str:
     """'beyond noise' = the per-seed difference has the same sign in every seed and |mean| > 2 SE."""
     se = p["sd"] / math.sqrt(p["n"]) if p["n"] > 1 else float("inf")
-    beyond = abs(p["mean"]) > 2 * se and p["lower_in"] in (0, p["n"])
+    beyond = abs(p["mean"]) > max(2 * se, 1e-9) and p["lower_in"] in (0, p["n"])
     if beyond:
         word = "better than" if p["mean"] < 0 else "worse than"
     else:
