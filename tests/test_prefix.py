@@ -127,3 +127,41 @@ def test_selection_losses_same_with_and_without_reuse():
         runs.append((losses, m.pre.runs))
     torch.testing.assert_close(runs[0][0], runs[1][0], atol=0, rtol=0)
     assert runs[0][1] == 2 and runs[1][1] == 3
+
+
+class DictBody(nn.Module):
+    """Returns a dict, as sentence-transformers modules do; its inner Linear must not be kept separately."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Counted(6, 8)
+
+    def forward(self, x):
+        return {"emb": self.inner(x), "mask": torch.ones(len(x), dtype=torch.long)}
+
+
+class DictNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = DictBody()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x)["emb"] * 2)
+
+
+def test_dict_outputs_are_reused_and_only_outermost_modules_kept():
+    torch.manual_seed(0)
+    m = DictNet().eval()
+    x = torch.randn(4, 6)
+    ocd = OCDWrapper.from_pretrained(m, layer="head")
+    d = torch.randn(4, 3, 8) * 0.1
+    ocd.reuse_prefix = False
+    full = ocd.forward_with_deltas(x, d)
+    m.body.inner.runs = 0
+    with reuse_prefix(m, m.head) as cache:
+        m(x)
+        reused = ocd.forward_with_deltas(x, d)
+    assert m.body.inner.runs == 1
+    assert list(cache.outputs) == [m.body]  # not m.body.inner: the body's output already holds it
+    torch.testing.assert_close(reused, full, atol=0, rtol=0)

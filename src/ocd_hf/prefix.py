@@ -7,8 +7,8 @@ every module that finished before the target layer was first called (and does no
 passes inside the same block return those outputs instead of recomputing them. For a SetFit head
 the whole sentence encoder is skipped; for a LeNet fc2 the conv stack and fc1.
 
-A module is reused only when it ran exactly once in the recorded pass and returned a tensor or a
-tuple / list of tensors; anything else simply runs again (its reused children still help). Recorded
+Only the outermost such modules are kept (the children of the layer's ancestors), and only when they
+ran exactly once and returned tensors (or tuples, lists, dicts of them); anything else runs again. Recorded
 outputs are copied, and every reuse hands out a fresh copy, so in-place edits by the caller (x.relu_())
 cannot leak between passes. The block must run the *same inputs* through the *same weights* each time
 (everything but the target layer's delta).
@@ -17,7 +17,7 @@ cannot leak between passes. The block must run the *same inputs* through the *sa
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -31,10 +31,22 @@ _MISSING = _Missing()
 
 
 def _copy(out: Any) -> Any:
+    """A detached copy of a module output made of tensors (tuples, lists, dicts of them), else _MISSING."""
     if isinstance(out, torch.Tensor):
         return out.detach().clone()
-    if isinstance(out, (tuple, list)) and all(isinstance(v, torch.Tensor) or v is None for v in out):
-        return type(out)(None if v is None else v.detach().clone() for v in out)
+    if out is None or isinstance(out, (int, float, bool, str)):
+        return out
+    if isinstance(out, (tuple, list)):
+        items = [_copy(v) for v in out]
+        return _MISSING if any(v is _MISSING for v in items) else type(out)(items)
+    if isinstance(out, Mapping):
+        items = {k: _copy(v) for k, v in out.items()}
+        if any(v is _MISSING for v in items.values()):
+            return _MISSING
+        try:  # dict, OrderedDict, transformers' ModelOutput
+            return type(out)(**items) if type(out) is not dict else items
+        except TypeError:
+            return _MISSING
     return _MISSING
 
 
@@ -60,7 +72,9 @@ def reuse_prefix(root: nn.Module, layer: nn.Module, enabled: bool = True) -> Ite
         yield cache
         return
     ancestors = {m for m in root.modules() if any(sub is layer for sub in m.modules())}
-    candidates = [m for m in root.modules() if m not in ancestors]
+    # only the outermost finished modules (children of the layer's ancestors) are kept: their outputs
+    # already hold everything below them, and keeping every submodule's output multiplies memory
+    candidates = [c for a in ancestors for c in a.children() if c not in ancestors]
     patched: dict[nn.Module, Any] = {}
     handles = []
 
