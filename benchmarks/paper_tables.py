@@ -284,7 +284,10 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
           "for CE, ECE and RMSE. OCD rows use the head's delta_scale chosen on the validation split "
           "(`OCDWrapper.calibrate`, 0 = switched off when it does not beat base there by 2 SE); "
           "\"at delta_scale 1\" rows are the uncalibrated heads. \"Oracle\" rows overfit on the *test* label: "
-          "upper bounds, not methods.", ""]
+          "upper bounds, not methods. Heads (benchmarks/tasks.py): U-Net channels (32, 32, 64), condition and scale "
+          "widths 64, batch 64, 1,000 training steps each (`--head-steps`), 10 DDIM steps; cross-fitting uses 5 folds "
+          "with the base model retrained per fold from the same initialisation. The ideas tables compare variants "
+          "of one head at a time.", ""]
     for name, rs in by_task.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         metric = "rmse" if rs[0]["kind"] == "regression" else "cross_entropy"
@@ -292,7 +295,7 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
         sizes = rs[0]["sizes"]
         md += [f"### {name}: layer `{rs[0]['layer']}`, seeds {[r['seed'] for r in rs]}", ""]
         md.append("Data and budget: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) +
-                  f"; head {_head_desc(rs[0])}; wall time per seed {fmt([r['seconds']['total'] for r in rs])} s.")
+                  f"; {_head_desc(rs[0])}; wall time per seed {fmt([r['seconds']['total'] for r in rs])} s.")
         md.append("")
         rows = [r for r in MAIN_ROWS if all(r in x["rows"] for x in rs)]
         rows += sorted({k for x in rs for k in x["rows"] if k.startswith("OCD on the runner-up")})
@@ -335,7 +338,7 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
 
 
 def _head_desc(r: dict) -> str:
-    return f"selection ranking {r['selection']['ranking'][:3]}"
+    return f"alternative layer = the best other layer of the selection (ranking, top 3: {r['selection']['ranking'][:3]})"
 
 
 def _ideas_table(rs: list[dict], metric: str) -> dict[str, dict]:
