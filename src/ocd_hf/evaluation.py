@@ -118,7 +118,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
