@@ -258,14 +258,14 @@ def paired(runs: list[dict], a_get, b_get) -> dict[str, float]:
     """a − b per seed: mean, SD, and how many seeds have a < b (lower is better for every metric used)."""
     d = [a_get(r) - b_get(r) for r in runs]
     m, s = mean_sd(d)
-    # below 1e-9 is rounding (e.g. an ensemble of identical draws), not a difference
-    return {"mean": m, "sd": s, "n": len(d), "lower_in": sum(x < -1e-9 for x in d)}
+    # below 1e-7 is rounding (e.g. an ensemble of identical draws), not a difference
+    return {"mean": m, "sd": s, "n": len(d), "lower_in": sum(x < -1e-7 for x in d)}
 
 
 def verdict(p: dict[str, float], metric: str, what: str, than: str) -> str:
     """'beyond noise' = the per-seed difference has the same sign in every seed and |mean| > 2 SE."""
     se = p["sd"] / math.sqrt(p["n"]) if p["n"] > 1 else float("inf")
-    beyond = abs(p["mean"]) > max(2 * se, 1e-9) and p["lower_in"] in (0, p["n"])
+    beyond = abs(p["mean"]) > max(2 * se, 1e-7) and p["lower_in"] in (0, p["n"])
     if beyond:
         word = "better than" if p["mean"] < 0 else "worse than"
     else:
@@ -333,8 +333,31 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
         if any("ideas" in r for r in rs):
             md += ideas_markdown(name, rs, metric)
             summary[name]["ideas"] = {k: v for k, v in _ideas_table(rs, metric).items()}
+    md[4:4] = headline(by_task)
     md += across_tasks({k: sorted(v, key=lambda r: r["seed"]) for k, v in by_task.items()})
     return summary, "\n".join(md) + "\n"
+
+
+def headline(by_task: dict[str, list[dict]]) -> list[str]:
+    """The answer first: did the shipped default (training-set collection, delta_scale from val) beat base?"""
+    row = "OCD (train collection)"
+    better, worse, lines = [], [], []
+    for name, rs in by_task.items():
+        m = "rmse" if rs[0]["kind"] == "regression" else "cross_entropy"
+        if not all(row in r["rows"] for r in rs):
+            continue
+        p = paired(rs, lambda r: r["rows"][row][m], lambda r: r["rows"]["base"][m])
+        v = verdict(p, m, "OCD", "base")
+        lines.append(f"- {name}: {v}")
+        if " better than " in v:
+            better.append(name)
+        if " worse than " in v:
+            worse.append(name)
+    n = len(lines)
+    return ["**Summary (generated from the tables below).** The shipped default, deltas collected on the training set "
+            "with delta_scale chosen on validation, beats the base model beyond noise on "
+            f"{len(better)} of {n} tasks ({', '.join(better) or 'none'}) and is worse beyond noise on "
+            f"{len(worse)} ({', '.join(worse) or 'none'}):", ""] + lines + [""]
 
 
 def _head_desc(r: dict) -> str:
