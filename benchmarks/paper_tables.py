@@ -182,15 +182,11 @@ def confidence_gate(ocd, task, seed: int, batch_size: int) -> dict[str, Any]:
     def outputs(ds):
         base, ocd_out, ys = [], [], []
         gen = torch.Generator().manual_seed(seed)
-        saved, ocd.config = ocd.config, ocd.config.replace(delta_scale=1.0)
-        try:
-            for batch in DataLoader(ds, batch_size=batch_size, collate_fn=ocd.adapter.collate_fn()):
-                inputs, y = ocd.adapter.split_batch(ocd.adapter.to_device(batch, ocd.device))
-                cond, b = ocd.conditioning(inputs)
-                d = ocd.generate_deltas(cond, 1, gen)[0]
-                base.append(b.float().cpu()), ocd_out.append(ocd.forward_with_deltas(inputs, d).float().cpu()), ys.append(y.cpu())
-        finally:
-            ocd.config = saved
+        for batch in DataLoader(ds, batch_size=batch_size, collate_fn=ocd.adapter.collate_fn()):
+            inputs, y = ocd.adapter.split_batch(ocd.adapter.to_device(batch, ocd.device))
+            cond, b = ocd.conditioning(inputs)
+            d = ocd.generate_deltas(cond, 1, gen, delta_scale=1.0)[0]
+            base.append(b.float().cpu()), ocd_out.append(ocd.forward_with_deltas(inputs, d).float().cpu()), ys.append(y.cpu())
         return torch.cat(base), torch.cat(ocd_out), torch.cat(ys)
 
     def gated(base, o, tau):

@@ -106,7 +106,7 @@ def test_calibrate_switches_off_a_head_that_does_not_help(fitted):
     ocd = copy.deepcopy(ocd)
     # a head whose deltas push every sample away from its label: any delta_scale > 0 hurts
     bad = -_oracle(ocd, val)[None] * 50
-    ocd.generate_deltas = lambda cond, num_samples=1, generator=None: bad
+    ocd.generate_deltas = lambda cond, num_samples=1, generator=None, delta_scale=None: bad
     res = ocd.calibrate(val, batch_size=64, progress=False)
     assert res["delta_scale"] == 0.0 and ocd.config.delta_scale == 0.0
     assert all(res["mean_loss"][k] > res["mean_loss"]["0.0"] for k in res["mean_loss"] if k != "0.0")
@@ -117,7 +117,7 @@ def test_calibrate_keeps_a_head_that_helps(fitted):
     ocd = copy.deepcopy(ocd)
     # deltas that overfit each validation sample's own label help beyond noise
     good = _oracle(ocd, val)[None]
-    ocd.generate_deltas = lambda cond, num_samples=1, generator=None: good
+    ocd.generate_deltas = lambda cond, num_samples=1, generator=None, delta_scale=None: good
     res = ocd.calibrate(val, batch_size=64, progress=False)
     assert res["delta_scale"] > 0 and res["gain_vs_base"] > 2 * res["gain_se"]
     assert ocd.config.extra["calibration"]["delta_scale"] == res["delta_scale"]
@@ -136,6 +136,8 @@ def test_delta_scale_scales_generated_deltas(fitted):
     half.config = ocd.config.replace(delta_scale=0.5)
     d2 = half.generate_deltas(cond, 1, torch.Generator().manual_seed(0))
     torch.testing.assert_close(d2, 0.5 * d1)
+    # a per-call override gives the uncalibrated deltas whatever the config says
+    torch.testing.assert_close(half.generate_deltas(cond, 1, torch.Generator().manual_seed(0), delta_scale=1.0), d1)
     off = copy.copy(ocd)
     off.config = ocd.config.replace(delta_scale=0.0)
     base = ocd.module(x)

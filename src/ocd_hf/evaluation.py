@@ -257,12 +257,8 @@ def _rows_for_batch(ocd, inputs, targets, meter, cos, omega_std, gen, num_sample
         c.overfit_steps, c.overfit_lr, c.overfit_optimizer, False, c.target,
     ).delta
     meter("oracle, this layer (test label)").add(ocd.forward_with_deltas(inputs, oracle), targets)
-    saved = ocd.config
-    ocd.config = saved.replace(delta_scale=1.0)  # raw deltas, so the uncalibrated row exists even at delta_scale 0
-    try:
-        raw_all = ocd.generate_deltas(cond, num_samples, gen)
-    finally:
-        ocd.config = saved
+    # raw deltas, so that the uncalibrated row exists even at delta_scale 0
+    raw_all = ocd.generate_deltas(cond, num_samples, gen, delta_scale=1.0)
     deltas = raw_all * c.delta_scale
     omega_std.append(ocd.last_health.omega_std)
     outs = torch.stack([ocd.forward_with_deltas(inputs, d) for d in deltas])

@@ -329,21 +329,17 @@ class OCDWrapper(nn.Module):
         if self._loss_fn is None:
             raise RuntimeError("No loss known: call fit(...) first, or pass loss= to from_pretrained.")
         grid = tuple(sorted(set(float(g) for g in grid) | {0.0}))
-        saved, self.config = self.config, self.config.replace(delta_scale=1.0)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         losses: dict[float, list[torch.Tensor]] = {g: [] for g in grid}
-        try:
-            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.adapter.collate_fn())
-            for batch in tqdm(loader, desc="calibrating delta_scale", disable=not progress):
-                inputs, targets = self.adapter.split_batch(self.adapter.to_device(batch, self.device))
-                with reuse_prefix(self.module, self.layer, self.reuse_prefix):
-                    cond, base_out = self.conditioning(inputs)
-                    delta = self.generate_deltas(cond, 1, gen)[0]
-                    for g in grid:
-                        out = base_out if g == 0 else self.forward_with_deltas(inputs, g * delta)
-                        losses[g].append(self._loss_fn(out, targets).double().cpu())
-        finally:
-            self.config = saved
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.adapter.collate_fn())
+        for batch in tqdm(loader, desc="calibrating delta_scale", disable=not progress):
+            inputs, targets = self.adapter.split_batch(self.adapter.to_device(batch, self.device))
+            with reuse_prefix(self.module, self.layer, self.reuse_prefix):
+                cond, base_out = self.conditioning(inputs)
+                delta = self.generate_deltas(cond, 1, gen, delta_scale=1.0)[0]
+                for g in grid:
+                    out = base_out if g == 0 else self.forward_with_deltas(inputs, g * delta)
+                    losses[g].append(self._loss_fn(out, targets).double().cpu())
         per = {g: torch.cat(v) for g, v in losses.items()}
         mean = {g: float(v.mean()) for g, v in per.items()}
         best = min(grid, key=lambda g: (mean[g], g))
@@ -375,9 +371,11 @@ class OCDWrapper(nn.Module):
 
     @torch.no_grad()
     def generate_deltas(
-        self, cond: Conditioning, num_samples: int = 1, generator: torch.Generator | None = None
+        self, cond: Conditioning, num_samples: int = 1, generator: torch.Generator | None = None, delta_scale: float | None = None
     ) -> torch.Tensor:
         """delta_scale · ρ̂(I(x)) · Ω_0 with Ω_0 from DDIM; returns [num_samples, B, *weight_shape] ([.., B, out] when factored).
+
+        delta_scale: overrides config.delta_scale for this call (1.0 gives the uncalibrated deltas).
 
         Raises on non-finite samples and warns when their spread leaves the training targets' range
         (`self.last_health` keeps the numbers of the last call).
@@ -390,7 +388,7 @@ class OCDWrapper(nn.Module):
             guidance_scale=self.config.guidance_scale,
         )
         self.last_health = check_samples(omega, self.config.target_std)
-        scale = head.scale_net(normed) * self.config.delta_scale
+        scale = head.scale_net(normed) * (self.config.delta_scale if delta_scale is None else delta_scale)
         delta = omega * scale.view(1, -1, *([1] * (omega.dim() - 2)))
         if self.config.target == "factored":
             delta = delta.squeeze(-1)
