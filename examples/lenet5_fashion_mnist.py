@@ -6,8 +6,8 @@
     # online: the Hub dataset zalando-datasets/fashion_mnist
     python examples/lenet5_fashion_mnist.py
 
-Trains LeNet5 on a subset, collects per-sample deltas of fc2 on the same images, trains the OCD head
-and prints base vs OCD vs OCD x5 on held-out test images.
+Trains LeNet5 on a subset, collects per-sample deltas of fc2 on the same images, trains the OCD head,
+chooses its delta_scale on held-out validation images, and prints the evaluation on test images.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help=f"folder with the idx .gz files (default: Hub dataset {HUB_ID})")
     p.add_argument("--train-size", type=int, default=10000, help="training images (base model and OCD)")
+    p.add_argument("--val-size", type=int, default=1000, help="held-out training images for calibrating delta_scale")
     p.add_argument("--test-size", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=5, help="base model training epochs")
     p.add_argument("--layer", default="fc2")
@@ -91,8 +92,10 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     xtr, ytr, xte, yte = load(args.data_dir)
     rng = np.random.default_rng(args.seed)
-    tr, te = rng.permutation(len(ytr))[: args.train_size], rng.permutation(len(yte))[: args.test_size]
-    train, test = to_tensors(xtr[tr], ytr[tr]), to_tensors(xte[te], yte[te])
+    perm = rng.permutation(len(ytr))
+    tr, va, te = perm[: args.train_size], perm[args.train_size : args.train_size + args.val_size], rng.permutation(len(yte))[: args.test_size]
+    # validation images the base model never sees: OCD's delta_scale is chosen on them
+    train, val, test = to_tensors(xtr[tr], ytr[tr]), to_tensors(xtr[va], ytr[va]), to_tensors(xte[te], yte[te])
 
     model = LeNet5()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -107,10 +110,11 @@ def main(argv=None) -> None:
 
     t1 = time.perf_counter()
     ocd = OCDWrapper.from_pretrained(model, layer=args.layer, num_train_steps=args.ocd_steps, seed=args.seed)
-    ocd.fit(train, loss="cross_entropy", batch_size=256)
-    print(f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected and trained in {time.perf_counter() - t1:.0f}s")
+    ocd.fit(train, loss="cross_entropy", batch_size=256, eval_dataset=val)
+    print(f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected, trained and calibrated in {time.perf_counter() - t1:.0f}s; "
+          f"delta_scale {ocd.config.delta_scale} (0: no gain on validation, OCD is off)")
 
-    report = evaluate(ocd, test, num_samples=5, seed=args.seed)
+    report = evaluate(ocd, test, num_samples=5, seed=args.seed, validation=val)
     print(f"\nHeld-out Fashion-MNIST test images ({len(test)}):")
     print(report.to_markdown())
     if args.save:
