@@ -445,8 +445,9 @@ def across_tasks(by_task: dict[str, list[dict]]) -> list[str]:
                            ("kNN in i_L space", "kNN (no OCD)")):
             if all(row in r["rows"] for r in rs):
                 put(label, t, paired(rs, lambda r, row=row: r["rows"][row][m], base))
-        for lab in _ideas_table(rs, m) if all("ideas" in r for r in rs) else {}:
-            put(lab + (", τ from val, delta_scale 1" if lab.startswith("confidence gate") else ", delta_scale from val"), t, _ideas_table(rs, m)[lab]["diff"])
+        ideas_table = _ideas_table(rs, m) if all("ideas" in r for r in rs) else {}
+        for lab, v in ideas_table.items():
+            put(lab + (", τ from val, delta_scale 1" if lab.startswith("confidence gate") else ", delta_scale from val"), t, v["diff"])
         b = budget_by_validation(rs, m) if all("ideas" in r for r in rs) else None
         if b is not None:
             put("budget chosen on validation (cross-fit collection)", t, b["diff"])

@@ -195,15 +195,15 @@ def evaluate(
 
     extra: dict[str, Any] = {"delta_scale": c.delta_scale}
     temperature = knn = None
+    # one pass over the validation set serves both the temperature and kNN's choice of k
+    val_feats, val_out, val_y = _embed(ocd, validation, batch_size) if validation is not None else (None, None, None)
     if validation is not None and classify:
-        _, val_out, val_y = _embed(ocd, validation, batch_size)
         temperature = fit_temperature(val_out, val_y)
         extra["temperature"] = temperature
     if train is not None:
         tr_feats, tr_out, tr_y = _embed(ocd, train, batch_size)
         knn = _KNN(tr_feats, tr_y, task, tr_out.shape[-1] if classify else None)
         if validation is not None:
-            val_feats, _, val_y = _embed(ocd, validation, batch_size)
             knn.choose_k(val_feats, val_y)
         extra["knn_k"] = knn.k
     nn_keys = nn_mean = nn_std = None
@@ -215,12 +215,51 @@ def evaluate(
         mean_scale = float(collection.column("scale").mean())
     cos: dict[str, list[torch.Tensor]] = {}
     omega_std = []
+    def layer_rows(inputs: Any, targets: torch.Tensor) -> None:
+        """One batch's rows that change only ocd.layer: base, oracle on the layer, OCD and its ablations."""
+        cond, base_out = ocd.conditioning(inputs)
+        meter("base").add(base_out, targets)
+        if temperature is not None:
+            meter("base + temperature scaling").add(base_out / temperature, targets)
+        if knn is not None:
+            meter("kNN in i_L space").add(knn(cond.layer_input), targets)
+        oracle = overfit_batch(
+            ocd.module, ocd.layer, inputs, targets, ocd._loss_fn, adapter.forward,
+            c.overfit_steps, c.overfit_lr, c.overfit_optimizer, False, c.target,
+        ).delta
+        meter("oracle, this layer (test label)").add(ocd.forward_with_deltas(inputs, oracle), targets)
+        # raw deltas, so that the uncalibrated row exists even at delta_scale 0
+        raw_all = ocd.generate_deltas(cond, num_samples, gen, delta_scale=1.0)
+        deltas = raw_all * c.delta_scale
+        omega_std.append(ocd.last_health.omega_std)
+        outs = torch.stack([ocd.forward_with_deltas(inputs, d) for d in deltas])
+        meter("OCD").add(outs[0], targets)
+        meter(f"OCD x{num_samples}").add(combine_draws(outs, task), targets)
+        meter(f"OCD mean-weights x{num_samples}").add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
+        raw = raw_all[0]
+        if c.delta_scale != 1.0:
+            meter("OCD at delta_scale 1").add(ocd.forward_with_deltas(inputs, raw), targets)
+        cos.setdefault("OCD (1 draw)", []).append(_cosine(raw, oracle))
+        if collection is not None:
+            q = (cond.layer_input.float().cpu() - nn_mean) / nn_std
+            nearest = torch.cdist(q, nn_keys).argmin(1)
+            nn_delta = collection.get_batch(nearest.numpy())["delta"].to(oracle.device, oracle.dtype).reshape(oracle.shape)
+            meter("nearest-neighbour delta").add(ocd.forward_with_deltas(inputs, nn_delta), targets)
+            cos.setdefault("nearest-neighbour delta", []).append(_cosine(nn_delta, oracle))
+            rho = ocd.head.scale_net(ocd.head.normalize(cond)).view(-1, *([1] * (raw.dim() - 1)))
+            # the same Ω_0 at the mean training scale, uncalibrated like the row it ablates
+            no_scale = raw / rho.to(raw.dtype) * mean_scale
+            meter("no-scale ablation (mean training ρ)").add(ocd.forward_with_deltas(inputs, no_scale), targets)
+        mean_delta = ocd.head.mean_delta.reshape(oracle.shape[1:]).to(oracle.dtype).expand_as(oracle)
+        meter("mean-delta control").add(ocd.forward_with_deltas(inputs, mean_delta.contiguous()), targets)
+        cos.setdefault("mean training delta", []).append(_cosine(mean_delta, oracle))
+
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=adapter.collate_fn())
     for batch in tqdm(loader, desc="evaluating", disable=not progress):
         inputs, targets = adapter.split_batch(adapter.to_device(batch, ocd.device))
         # every pass in this block changes only ocd.layer: what runs before it is computed once
         with reuse_prefix(ocd.module, ocd.layer, ocd.reuse_prefix):
-            oracle = _rows_for_batch(ocd, inputs, targets, meter, cos, omega_std, gen, num_samples, task, temperature, knn, collection, nn_keys, nn_mean, nn_std, mean_scale)
+            layer_rows(inputs, targets)
         if oracle_all_layers:
             out_all = overfit_all_layers(ocd.module, inputs, targets, ocd._loss_fn, adapter.forward, c.overfit_steps, c.overfit_lr, c.overfit_optimizer)
             meter("oracle, all layers (test label)").add(out_all, targets)
@@ -241,45 +280,3 @@ def evaluate(
         extra=extra,
     )
 
-
-def _rows_for_batch(ocd, inputs, targets, meter, cos, omega_std, gen, num_samples, task, temperature, knn, collection, nn_keys, nn_mean, nn_std, mean_scale) -> torch.Tensor:
-    """The rows that only change ocd.layer (base, oracle on the layer, OCD and its ablations); returns the oracle delta."""
-    c = ocd.config
-    adapter = ocd.adapter
-    cond, base_out = ocd.conditioning(inputs)
-    meter("base").add(base_out, targets)
-    if temperature is not None:
-        meter("base + temperature scaling").add(base_out / temperature, targets)
-    if knn is not None:
-        meter("kNN in i_L space").add(knn(cond.layer_input), targets)
-    oracle = overfit_batch(
-        ocd.module, ocd.layer, inputs, targets, ocd._loss_fn, adapter.forward,
-        c.overfit_steps, c.overfit_lr, c.overfit_optimizer, False, c.target,
-    ).delta
-    meter("oracle, this layer (test label)").add(ocd.forward_with_deltas(inputs, oracle), targets)
-    # raw deltas, so that the uncalibrated row exists even at delta_scale 0
-    raw_all = ocd.generate_deltas(cond, num_samples, gen, delta_scale=1.0)
-    deltas = raw_all * c.delta_scale
-    omega_std.append(ocd.last_health.omega_std)
-    outs = torch.stack([ocd.forward_with_deltas(inputs, d) for d in deltas])
-    meter("OCD").add(outs[0], targets)
-    meter(f"OCD x{num_samples}").add(combine_draws(outs, task), targets)
-    meter(f"OCD mean-weights x{num_samples}").add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
-    raw = raw_all[0]
-    if c.delta_scale != 1.0:
-        meter("OCD at delta_scale 1").add(ocd.forward_with_deltas(inputs, raw), targets)
-    cos.setdefault("OCD (1 draw)", []).append(_cosine(raw, oracle))
-    if collection is not None:
-        q = (cond.layer_input.float().cpu() - nn_mean) / nn_std
-        nearest = torch.cdist(q, nn_keys).argmin(1)
-        nn_delta = collection.get_batch(nearest.numpy())["delta"].to(oracle.device, oracle.dtype).reshape(oracle.shape)
-        meter("nearest-neighbour delta").add(ocd.forward_with_deltas(inputs, nn_delta), targets)
-        cos.setdefault("nearest-neighbour delta", []).append(_cosine(nn_delta, oracle))
-        rho = ocd.head.scale_net(ocd.head.normalize(cond)).view(-1, *([1] * (raw.dim() - 1)))
-        # the same Ω_0 at the mean training scale, uncalibrated like the row it ablates
-        no_scale = raw / rho.to(raw.dtype) * mean_scale
-        meter("no-scale ablation (mean training ρ)").add(ocd.forward_with_deltas(inputs, no_scale), targets)
-    mean_delta = ocd.head.mean_delta.reshape(oracle.shape[1:]).to(oracle.dtype).expand_as(oracle)
-    meter("mean-delta control").add(ocd.forward_with_deltas(inputs, mean_delta.contiguous()), targets)
-    cos.setdefault("mean training delta", []).append(_cosine(mean_delta, oracle))
-    return oracle
