@@ -46,7 +46,9 @@ def digits(steps: int, seed: int) -> None:
     oracle = overfit_batch(base, base.fc2, xt, yt, cross_entropy)
     v = oracle.layer_input / oracle.layer_input.norm(dim=1, keepdim=True)
     print(f"digits LeNet fc2 84x120, {len(train)} train / {len(test)} test, {steps} head steps, seed {seed}")
-    print("| target | cos(gen, oracle Δ) | OCD CE | OCD acc | base CE | collected energy kept | train steps/s | latency b32 (ms) | head MiB |")
+    print(
+        "| target | cos(gen, oracle Δ) | OCD CE | OCD acc | base CE | collected energy kept | train steps/s | latency b32 (ms) | head MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for target in ("full", "factored"):
         torch.manual_seed(seed)
@@ -70,8 +72,10 @@ def digits(steps: int, seed: int) -> None:
             ocd.save_pretrained(os.path.join(d, "h"))
             size = os.path.getsize(os.path.join(d, "h", "ocd_head.safetensors")) / 2**20
         r = rep.rows
-        print(f"| {target} | {cos:.3f} | {r['OCD']['cross_entropy']:.4f} | {r['OCD']['accuracy']:.4f} | "
-              f"{r['base']['cross_entropy']:.4f} | {energy:.3f} | {sps:.1f} | {lat:.0f} | {size:.2f} |")
+        print(
+            f"| {target} | {cos:.3f} | {r['OCD']['cross_entropy']:.4f} | {r['OCD']['accuracy']:.4f} | "
+            f"{r['base']['cross_entropy']:.4f} | {energy:.3f} | {sps:.1f} | {lat:.0f} | {size:.2f} |"
+        )
 
 
 def big_layer() -> None:
@@ -80,7 +84,12 @@ def big_layer() -> None:
     x, y = torch.randn(4, 16), torch.randint(0, 4, (4,))
     print("\nsynthetic 4096x4096 Linear, batch of 4 samples")
     for target, opt in (("full", "adam"), ("factored", "adam"), ("factored", "sgd")):
-        t = median_time(lambda: overfit_batch(m, m[2], x, y, cross_entropy, optimizer=opt, lr=0.01 if opt == "sgd" else 5e-4, target=target), 3)
+        t = median_time(
+            lambda: overfit_batch(
+                m, m[2], x, y, cross_entropy, optimizer=opt, lr=0.01 if opt == "sgd" else 5e-4, target=target
+            ),
+            3,
+        )
         # delta, its gradient and Adam's two moments (SGD keeps no state): 4 or 2 tensors per sample
         n_tensors = 4 if opt == "adam" else 2
         per_sample = 4096 * 4096 if (target == "full" or opt == "adam") else 4096
@@ -90,7 +99,9 @@ def big_layer() -> None:
     from ocd_hf.denoiser import ConditionalUNet1D
 
     for target, shape in (("full", (4096, 4096)), ("factored", (4096, 1))):
-        cfg = OCDConfig(layer="2", weight_shape=(4096, 4096), target_shape=shape, input_dim=4096, activation_dim=4096, output_dim=4)
+        cfg = OCDConfig(
+            layer="2", weight_shape=(4096, 4096), target_shape=shape, input_dim=4096, activation_dim=4096, output_dim=4
+        )
         d = ConditionalUNet1D(cfg)
         from ocd_hf.capture import Conditioning
 

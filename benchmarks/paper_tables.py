@@ -39,7 +39,11 @@ ROOT = HERE.parent
 DEFAULT_OUT = ROOT / "docs" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 CROSS_FIT_FOLDS = 5
-BUDGETS = {"1 step, lr 5e-4": (1, 5e-4), "10 steps, lr 1e-3": (10, 1e-3), "10 steps, lr 1e-2": (10, 1e-2)}  # default: 3 steps, 5e-4
+BUDGETS = {
+    "1 step, lr 5e-4": (1, 5e-4),
+    "10 steps, lr 1e-3": (10, 1e-3),
+    "10 steps, lr 1e-2": (10, 1e-2),
+}  # default: 3 steps, 5e-4
 GUIDANCE = (1.0, 2.0, 4.0)
 ENSEMBLES = (1, 5, 10)
 SLOWNESS = {"setfit_8shot": 3, "fashion_lenet5": 2, "digits": 1, "california_mlp": 0}
@@ -57,9 +61,20 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     task = build_task(name, seed, data_root=args.data_root, quick=args.quick)
-    rec: dict[str, Any] = {"task": name, "seed": seed, "kind": task.kind, "layer": task.layer, "sizes": task.sizes,
-                           "paper": task.paper, "base_seconds": task.base_seconds, "rows": {}, "cosine": {}, "health": {},
-                           "calibration": {}, "seconds": {}}
+    rec: dict[str, Any] = {
+        "task": name,
+        "seed": seed,
+        "kind": task.kind,
+        "layer": task.layer,
+        "sizes": task.sizes,
+        "paper": task.paper,
+        "base_seconds": task.base_seconds,
+        "rows": {},
+        "cosine": {},
+        "health": {},
+        "calibration": {},
+        "seconds": {},
+    }
     kw = dict(task.ocd_kwargs)
     if args.head_steps and not args.quick:
         kw["num_train_steps"] = args.head_steps
@@ -79,8 +94,15 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
     def head(label, ocd, collect_dir, cross_fit=False):
         t = time.perf_counter()
-        store = ocd.collect(task.train, task.loss, batch_size=bs, collect_dir=collect_dir, progress=False,
-                            cross_fit=train_fn if cross_fit else None, num_folds=min(CROSS_FIT_FOLDS, len(task.train)))
+        store = ocd.collect(
+            task.train,
+            task.loss,
+            batch_size=bs,
+            collect_dir=collect_dir,
+            progress=False,
+            cross_fit=train_fn if cross_fit else None,
+            num_folds=min(CROSS_FIT_FOLDS, len(task.train)),
+        )
         ocd.train_head(store, progress=False)
         rec["calibration"][label] = ocd.calibrate(task.val, batch_size=max(bs, 64), seed=seed, progress=False)
         rec["seconds"][label] = time.perf_counter() - t
@@ -101,10 +123,17 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         # the selection ranks the candidate layers; the best one other than the paper's layer is the alternative
         t = time.perf_counter()
         candidates = _candidates(task)
-        sel = make(layer="auto").select_layer(task.train, task.loss, layer=candidates, num_perturbations=args.perturbations, max_samples=64)
+        sel = make(layer="auto").select_layer(
+            task.train, task.loss, layer=candidates, num_perturbations=args.perturbations, max_samples=64
+        )
         ranking = [s.name for s in sel.scores]
         alt_layer = next((n for n in ranking if n != task.layer), None)
-        rec["selection"] = {"ranking": ranking, "winner": sel.winner, "alternative": alt_layer, "seconds": time.perf_counter() - t}
+        rec["selection"] = {
+            "ranking": ranking,
+            "winner": sel.winner,
+            "alternative": alt_layer,
+            "seconds": time.perf_counter() - t,
+        }
 
         ocd_tr, store_tr = head("train collection", make(), tmp / "train")
         alt = None
@@ -112,8 +141,17 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
             big = _numel(ocd_tr, alt_layer) > 65536  # e.g. a 384x1536 body layer: generate u only (docs/factored.md)
             alt, _ = head("alternative layer", make(layer=alt_layer, target="factored" if big else "full"), tmp / "alt")
         t = time.perf_counter()
-        rep = evaluate(ocd_tr, task.test, num_samples=5, validation=task.val, train=task.train, collection=store_tr,
-                       alternative=alt, oracle_all_layers=not args.no_all_layers_oracle, **ev)
+        rep = evaluate(
+            ocd_tr,
+            task.test,
+            num_samples=5,
+            validation=task.val,
+            train=task.train,
+            collection=store_tr,
+            alternative=alt,
+            oracle_all_layers=not args.no_all_layers_oracle,
+            **ev,
+        )
         rec["seconds"]["evaluation"] = time.perf_counter() - t
         add(rep, "OCD (train collection)")
         if alt is not None:
@@ -129,7 +167,9 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         rec["rows"]["mean-delta control"] = rep.rows["mean-delta control"]
 
         if not args.no_ideas:
-            rec["ideas"] = ideas(task, seed, make, head, {"train collection": ocd_tr, "cross-fit collection": ocd_cf}, tmp, ev)
+            rec["ideas"] = ideas(
+                task, seed, make, head, {"train collection": ocd_tr, "cross-fit collection": ocd_cf}, tmp, ev
+            )
     rec["seconds"]["total"] = time.perf_counter() - t0
     return rec
 
@@ -139,7 +179,6 @@ def ideas(task, seed, make, head, heads, tmp: Path, ev: dict) -> dict[str, Any]:
     from ocd_hf.evaluation import evaluate
 
     out: dict[str, Any] = {}
-    primary = "train collection"
 
     def score(ocd, label, num_samples=1):
         rep = evaluate(ocd, task.test, num_samples=num_samples, **ev)
@@ -148,13 +187,22 @@ def ideas(task, seed, make, head, heads, tmp: Path, ev: dict) -> dict[str, Any]:
             rows[f"OCD x{num_samples}"] = rep.rows[f"OCD x{num_samples}"]
         if "OCD at delta_scale 1" in rep.rows:
             rows["OCD at delta_scale 1"] = rep.rows["OCD at delta_scale 1"]
-        out[label] = {"rows": rows, "delta_scale": ocd.config.delta_scale, "cosine": rep.cosine_to_oracle.get("OCD (1 draw)"),
-                      "health": rep.health}
+        out[label] = {
+            "rows": rows,
+            "delta_scale": ocd.config.delta_scale,
+            "cosine": rep.cosine_to_oracle.get("OCD (1 draw)"),
+            "health": rep.health,
+        }
 
     # 1. overfit budget (fold models are cached, so cross-fitting costs no base retraining here)
     for mode, cf in (("cross-fit collection", True),):
         for label, (steps, lr) in BUDGETS.items():
-            ocd, _ = head(f"budget {label}, {mode}", make(overfit_steps=steps, overfit_lr=lr), tmp / f"b{steps}-{lr:g}-{mode[:5]}", cross_fit=cf)
+            ocd, _ = head(
+                f"budget {label}, {mode}",
+                make(overfit_steps=steps, overfit_lr=lr),
+                tmp / f"b{steps}-{lr:g}-{mode[:5]}",
+                cross_fit=cf,
+            )
             score(ocd, f"budget: {label} ({mode})")
     # 2. classifier-free guidance: one head trained with 10% condition dropout, sampled at several w
     for mode, cf in (("cross-fit collection", True),):
@@ -186,7 +234,11 @@ def confidence_gate(ocd, task, seed: int, batch_size: int) -> dict[str, Any]:
             inputs, y = ocd.adapter.split_batch(ocd.adapter.to_device(batch, ocd.device))
             cond, b = ocd.conditioning(inputs)
             d = ocd.generate_deltas(cond, 1, gen, delta_scale=1.0)[0]
-            base.append(b.float().cpu()), ocd_out.append(ocd.forward_with_deltas(inputs, d).float().cpu()), ys.append(y.cpu())
+            (
+                base.append(b.float().cpu()),
+                ocd_out.append(ocd.forward_with_deltas(inputs, d).float().cpu()),
+                ys.append(y.cpu()),
+            )
         return torch.cat(base), torch.cat(ocd_out), torch.cat(ys)
 
     def gated(base, o, tau):
@@ -203,7 +255,12 @@ def confidence_gate(ocd, task, seed: int, batch_size: int) -> dict[str, Any]:
     tau = min(GATES, key=lambda t: (val_ce[t], -t))
     tb, to, ty = outputs(task.test)
     out, frac = gated(tb, to, tau)
-    return {"tau": tau, "fraction_gated_in": frac, "rows": {"OCD": metrics(out, ty), "base": metrics(tb, ty)}, "val_ce": {str(k): v for k, v in val_ce.items()}}
+    return {
+        "tau": tau,
+        "fraction_gated_in": frac,
+        "rows": {"OCD": metrics(out, ty), "base": metrics(tb, ty)},
+        "val_ce": {str(k): v for k, v in val_ce.items()},
+    }
 
 
 def _candidates(task) -> list[str] | None:
@@ -232,12 +289,23 @@ def _numel(ocd, layer: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- tables
 MAIN_ROWS = [
-    "base", "base + temperature scaling", "kNN in i_L space",
-    "oracle, this layer (test label)", "oracle, all layers (test label)",
-    "OCD (train collection) at delta_scale 1", "OCD (train collection)", "OCD (train collection) x5", "OCD (train collection) mean-weights x5",
-    "OCD (cross-fit collection) at delta_scale 1", "OCD (cross-fit collection)", "OCD (cross-fit collection) x5",
-    "nearest-neighbour delta", "nearest-neighbour delta (cross-fit collection)",
-    "no-scale ablation (mean training ρ)", "mean-delta control", "mean-delta control (cross-fit collection)",
+    "base",
+    "base + temperature scaling",
+    "kNN in i_L space",
+    "oracle, this layer (test label)",
+    "oracle, all layers (test label)",
+    "OCD (train collection) at delta_scale 1",
+    "OCD (train collection)",
+    "OCD (train collection) x5",
+    "OCD (train collection) mean-weights x5",
+    "OCD (cross-fit collection) at delta_scale 1",
+    "OCD (cross-fit collection)",
+    "OCD (cross-fit collection) x5",
+    "nearest-neighbour delta",
+    "nearest-neighbour delta (cross-fit collection)",
+    "no-scale ablation (mean training ρ)",
+    "mean-delta control",
+    "mean-delta control (cross-fit collection)",
 ]
 
 
@@ -275,23 +343,30 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
     for r in runs:
         by_task.setdefault(r["task"], []).append(r)
     summary: dict[str, Any] = {}
-    md = ["## Paper tables on offline stand-ins (3 seeds)", "",
-          "Command: `python benchmarks/paper_tables.py` (what `make bench` runs). Mean ± SD over seeds; lower is better "
-          "for CE, ECE and RMSE. OCD rows use the head's delta_scale chosen on the validation split "
-          "(`OCDWrapper.calibrate`, 0 = switched off when it does not beat base there by 2 SE); "
-          "\"at delta_scale 1\" rows are the uncalibrated heads. \"Oracle\" rows overfit on the *test* label: "
-          "upper bounds, not methods. Heads (benchmarks/tasks.py): U-Net channels (32, 32, 64), condition and scale "
-          "widths 64, batch 64, 1,000 training steps each (`--head-steps`), 10 DDIM steps; cross-fitting uses 5 folds "
-          "with the base model retrained per fold from the same initialisation. The ideas tables compare variants "
-          "of one head at a time.", ""]
+    md = [
+        "## Paper tables on offline stand-ins (3 seeds)",
+        "",
+        "Command: `python benchmarks/paper_tables.py` (what `make bench` runs). Mean ± SD over seeds; lower is better "
+        "for CE, ECE and RMSE. OCD rows use the head's delta_scale chosen on the validation split "
+        "(`OCDWrapper.calibrate`, 0 = switched off when it does not beat base there by 2 SE); "
+        '"at delta_scale 1" rows are the uncalibrated heads. "Oracle" rows overfit on the *test* label: '
+        "upper bounds, not methods. Heads (benchmarks/tasks.py): U-Net channels (32, 32, 64), condition and scale "
+        "widths 64, batch 64, 1,000 training steps each (`--head-steps`), 10 DDIM steps; cross-fitting uses 5 folds "
+        "with the base model retrained per fold from the same initialisation. The ideas tables compare variants "
+        "of one head at a time.",
+        "",
+    ]
     for name, rs in by_task.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         metric = "rmse" if rs[0]["kind"] == "regression" else "cross_entropy"
         metrics = ["rmse"] if metric == "rmse" else ["cross_entropy", "accuracy", "ece"]
         sizes = rs[0]["sizes"]
         md += [f"### {name}: layer `{rs[0]['layer']}`, seeds {[r['seed'] for r in rs]}", ""]
-        md.append("Data and budget: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) +
-                  f"; {_head_desc(rs[0])}; wall time per seed {fmt([r['seconds']['total'] for r in rs])} s.")
+        md.append(
+            "Data and budget: "
+            + ", ".join(f"{k} {v}" for k, v in sizes.items())
+            + f"; {_head_desc(rs[0])}; wall time per seed {fmt([r['seconds']['total'] for r in rs])} s."
+        )
         md.append("")
         rows = [r for r in MAIN_ROWS if all(r in x["rows"] for x in rs)]
         rows += sorted({k for x in rs for k in x["rows"] if k.startswith("OCD on the runner-up")})
@@ -306,16 +381,35 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
             md.append(f"| {row} | " + " | ".join(fmt([v[m] for v in vals]) for m in metrics) + " |")
         md.append("")
         cos_keys = sorted({k for x in rs for k in x["cosine"]})
-        md.append("Mean cosine of deltas to the oracle's (per head: generated, nearest-neighbour, mean training delta): " + "; ".join(
-            f"{k.replace(': OCD (1 draw)', ': generated')} {fmt([x['cosine'][k] for x in rs if k in x['cosine']])}" for k in cos_keys) + ".")
-        cal = {lab: [x["calibration"][lab]["delta_scale"] for x in rs if lab in x["calibration"]] for lab in ("train collection", "cross-fit collection", "alternative layer")}
+        md.append(
+            "Mean cosine of deltas to the oracle's (per head: generated, nearest-neighbour, mean training delta): "
+            + "; ".join(
+                f"{k.replace(': OCD (1 draw)', ': generated')} {fmt([x['cosine'][k] for x in rs if k in x['cosine']])}"
+                for k in cos_keys
+            )
+            + "."
+        )
+        cal = {
+            lab: [x["calibration"][lab]["delta_scale"] for x in rs if lab in x["calibration"]]
+            for lab in ("train collection", "cross-fit collection", "alternative layer")
+        }
         md.append("Calibrated delta_scale per seed: " + "; ".join(f"{k} {v}" for k, v in cal.items() if v) + ".")
-        hl = {k: [x["health"][k]["ratio"] for x in rs if k in x["health"]] for k in sorted({k for x in rs for k in x["health"]})}
-        md.append("Sampled Ω_0 std / training targets' std: " + "; ".join(f"{k} {fmt(v)}" for k, v in hl.items() if v) + ".")
+        hl = {
+            k: [x["health"][k]["ratio"] for x in rs if k in x["health"]]
+            for k in sorted({k for x in rs for k in x["health"]})
+        }
+        md.append(
+            "Sampled Ω_0 std / training targets' std: " + "; ".join(f"{k} {fmt(v)}" for k, v in hl.items() if v) + "."
+        )
         md.append("")
         verdicts = []
-        get = lambda row: (lambda r: r["rows"][row][metric])  # noqa: E731
-        for row in ("OCD (train collection)", "OCD (cross-fit collection)", "OCD (train collection) at delta_scale 1", "OCD (cross-fit collection) at delta_scale 1"):
+        get = lambda row: lambda r: r["rows"][row][metric]  # noqa: E731
+        for row in (
+            "OCD (train collection)",
+            "OCD (cross-fit collection)",
+            "OCD (train collection) at delta_scale 1",
+            "OCD (cross-fit collection) at delta_scale 1",
+        ):
             if row in rows:
                 for other in ("base", "nearest-neighbour delta", "mean-delta control", "base + temperature scaling"):
                     if other in rows:
@@ -323,7 +417,11 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
         md += ["Verdicts (" + metric + "):", ""] + [f"- {v}" for v in verdicts] + [""]
         if rs[0].get("paper"):
             p = rs[0]["paper"]
-            md.append("The paper's numbers for the setting this stands in for (" + ", ".join(f"{k} {v}" for k, v in p.items()) + ").")
+            md.append(
+                "The paper's numbers for the setting this stands in for ("
+                + ", ".join(f"{k} {v}" for k, v in p.items())
+                + ")."
+            )
             md.append("")
         summary[name] = {"metric": metric, "table": table, "verdicts": verdicts, "seeds": [r["seed"] for r in rs]}
         if any("ideas" in r for r in rs):
@@ -350,14 +448,23 @@ def headline(by_task: dict[str, list[dict]]) -> list[str]:
         if " worse than " in v:
             worse.append(name)
     n = len(lines)
-    return ["**Summary (generated from the tables below).** The shipped default, deltas collected on the training set "
+    return (
+        [
+            "**Summary (generated from the tables below).** The shipped default, deltas collected on the training set "
             "with delta_scale chosen on validation, beats the base model beyond noise on "
             f"{len(better)} of {n} tasks ({', '.join(better) or 'none'}) and is worse beyond noise on "
-            f"{len(worse)} ({', '.join(worse) or 'none'}):", ""] + lines + [""]
+            f"{len(worse)} ({', '.join(worse) or 'none'}):",
+            "",
+        ]
+        + lines
+        + [""]
+    )
 
 
 def _head_desc(r: dict) -> str:
-    return f"alternative layer = the best other layer of the selection (ranking, top 3: {r['selection']['ranking'][:3]})"
+    return (
+        f"alternative layer = the best other layer of the selection (ranking, top 3: {r['selection']['ranking'][:3]})"
+    )
 
 
 def _ideas_table(rs: list[dict], metric: str) -> dict[str, dict]:
@@ -374,7 +481,15 @@ def _ideas_table(rs: list[dict], metric: str) -> dict[str, dict]:
             if all(k in r["ideas"][lab]["rows"] for r in rs):
                 extra[k] = mean_sd([r["ideas"][lab]["rows"][k][metric] for r in rs])
         knob = [r["ideas"][lab].get("delta_scale", r["ideas"][lab].get("tau")) for r in rs]
-        out[lab] = {"ocd": mean_sd(ocd), "base": mean_sd(base), "diff": paired(rs, lambda r: r["ideas"][lab]["rows"][key][metric], lambda r: r["ideas"][lab]["rows"]["base"][metric]), "extra": extra, "knob": knob}
+        out[lab] = {
+            "ocd": mean_sd(ocd),
+            "base": mean_sd(base),
+            "diff": paired(
+                rs, lambda r: r["ideas"][lab]["rows"][key][metric], lambda r: r["ideas"][lab]["rows"]["base"][metric]
+            ),
+            "extra": extra,
+            "knob": knob,
+        }
     return out
 
 
@@ -398,25 +513,42 @@ def budget_by_validation(rs: list[dict], metric: str) -> dict[str, Any] | None:
         picks.append(best)
         tests.append(options[best][1][metric])
     base = [r["rows"]["base"][metric] for r in rs]
-    return {"picks": picks, "ocd": mean_sd(tests), "diff": paired(rs, lambda r: tests[rs.index(r)], lambda r: r["rows"]["base"][metric]), "base": mean_sd(base)}
+    return {
+        "picks": picks,
+        "ocd": mean_sd(tests),
+        "diff": paired(rs, lambda r: tests[rs.index(r)], lambda r: r["rows"]["base"][metric]),
+        "base": mean_sd(base),
+    }
 
 
 def ideas_markdown(name: str, rs: list[dict], metric: str) -> list[str]:
     t = _ideas_table(rs, metric)
-    md = [f"#### {name}: ideas (test {metric}, mean ± SD over {len(rs)} seeds; base {fmt([r['rows']['base'][metric] for r in rs])})", "",
-          f"| variant | OCD, calibrated (ensembles: the ensemble) | OCD − base (per seed) | uncalibrated (delta_scale 1) | ensemble | delta_scale or τ per seed |", "|---|---|---|---|---|---|"]
+    md = [
+        f"#### {name}: ideas (test {metric}, mean ± SD over {len(rs)} seeds; base {fmt([r['rows']['base'][metric] for r in rs])})",
+        "",
+        "| variant | OCD, calibrated (ensembles: the ensemble) | OCD − base (per seed) | uncalibrated (delta_scale 1) | ensemble | delta_scale or τ per seed |",
+        "|---|---|---|---|---|---|",
+    ]
     for lab, v in t.items():
         d = v["diff"]
         ens = "; ".join(f"{k}: {m:.4f} ± {s:.4f}" for k, (m, s) in v["extra"].items() if k != "OCD at delta_scale 1")
         unc = v["extra"].get("OCD at delta_scale 1")
-        md.append(f"| {lab} | {v['ocd'][0]:.4f} ± {v['ocd'][1]:.4f} | {d['mean']:+.4f} ± {d['sd']:.4f} (lower in {d['lower_in']}/{d['n']}) | "
-                  f"{'' if unc is None else f'{unc[0]:.4f} ± {unc[1]:.4f}'} | {ens} | {v['knob']} |")
-    ref = {k: fmt([r["rows"][k][metric] for r in rs]) for k in ("base", "oracle, this layer (test label)", "nearest-neighbour delta") if all(k in r["rows"] for r in rs)}
+        md.append(
+            f"| {lab} | {v['ocd'][0]:.4f} ± {v['ocd'][1]:.4f} | {d['mean']:+.4f} ± {d['sd']:.4f} (lower in {d['lower_in']}/{d['n']}) | "
+            f"{'' if unc is None else f'{unc[0]:.4f} ± {unc[1]:.4f}'} | {ens} | {v['knob']} |"
+        )
+    ref = {
+        k: fmt([r["rows"][k][metric] for r in rs])
+        for k in ("base", "oracle, this layer (test label)", "nearest-neighbour delta")
+        if all(k in r["rows"] for r in rs)
+    }
     b = budget_by_validation(rs, metric)
     if b is not None:
         d = b["diff"]
-        md.append(f"| budget chosen on validation (cross-fit collection) | {b['ocd'][0]:.4f} ± {b['ocd'][1]:.4f} | "
-                  f"{d['mean']:+.4f} ± {d['sd']:.4f} (lower in {d['lower_in']}/{d['n']}) |  |  | {b['picks']} |")
+        md.append(
+            f"| budget chosen on validation (cross-fit collection) | {b['ocd'][0]:.4f} ± {b['ocd'][1]:.4f} | "
+            f"{d['mean']:+.4f} ± {d['sd']:.4f} (lower in {d['lower_in']}/{d['n']}) |  |  | {b['picks']} |"
+        )
     md.append("")
     md.append("For reference on the same seeds: " + "; ".join(f"{k} {v}" for k, v in ref.items()) + ".")
     md.append("")
@@ -435,26 +567,40 @@ def across_tasks(by_task: dict[str, list[dict]]) -> list[str]:
     for t, rs in by_task.items():
         m = metric_of[t]
         base = lambda r: r["rows"]["base"][m]  # noqa: E731
-        for row, label in (("OCD (train collection) at delta_scale 1", "train collection, uncalibrated (the paper's recipe)"),
-                           ("OCD (train collection)", "train collection, delta_scale from val"),
-                           ("OCD (train collection) x5", "train collection, delta_scale from val, x5"),
-                           ("OCD (cross-fit collection) at delta_scale 1", "cross-fit collection, uncalibrated"),
-                           ("OCD (cross-fit collection)", "cross-fit collection, delta_scale from val"),
-                           ("nearest-neighbour delta", "nearest-neighbour delta (train collection)"),
-                           ("base + temperature scaling", "temperature scaling (no OCD)"),
-                           ("kNN in i_L space", "kNN (no OCD)")):
+        for row, label in (
+            ("OCD (train collection) at delta_scale 1", "train collection, uncalibrated (the paper's recipe)"),
+            ("OCD (train collection)", "train collection, delta_scale from val"),
+            ("OCD (train collection) x5", "train collection, delta_scale from val, x5"),
+            ("OCD (cross-fit collection) at delta_scale 1", "cross-fit collection, uncalibrated"),
+            ("OCD (cross-fit collection)", "cross-fit collection, delta_scale from val"),
+            ("nearest-neighbour delta", "nearest-neighbour delta (train collection)"),
+            ("base + temperature scaling", "temperature scaling (no OCD)"),
+            ("kNN in i_L space", "kNN (no OCD)"),
+        ):
             if all(row in r["rows"] for r in rs):
                 put(label, t, paired(rs, lambda r, row=row: r["rows"][row][m], base))
         ideas_table = _ideas_table(rs, m) if all("ideas" in r for r in rs) else {}
         for lab, v in ideas_table.items():
-            put(lab + (", τ from val, delta_scale 1" if lab.startswith("confidence gate") else ", delta_scale from val"), t, v["diff"])
+            put(
+                lab
+                + (", τ from val, delta_scale 1" if lab.startswith("confidence gate") else ", delta_scale from val"),
+                t,
+                v["diff"],
+            )
         b = budget_by_validation(rs, m) if all("ideas" in r for r in rs) else None
         if b is not None:
             put("budget chosen on validation (cross-fit collection)", t, b["diff"])
-    md = ["## Every variant against the base model, across tasks", "",
-          "OCD − base on each task's test metric (" + ", ".join(f"{t}: {metric_of[t]}" for t in cols) + "), mean ± SD over seeds, "
-          "and in how many seeds the variant was lower (better). Negative is better.", "",
-          "| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    md = [
+        "## Every variant against the base model, across tasks",
+        "",
+        "OCD − base on each task's test metric ("
+        + ", ".join(f"{t}: {metric_of[t]}" for t in cols)
+        + "), mean ± SD over seeds, "
+        "and in how many seeds the variant was lower (better). Negative is better.",
+        "",
+        "| variant | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     for label, row in cells.items():
         md.append(f"| {label} | " + " | ".join(row.get(t, "") for t in cols) + " |")
     return md + [""]
@@ -487,14 +633,25 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--data-root", default=str(DEFAULT_DATA), help="folder with vision/, tabular/, text/ (default ../shared/data)")
+    p.add_argument(
+        "--data-root", default=str(DEFAULT_DATA), help="folder with vision/, tabular/, text/ (default ../shared/data)"
+    )
     p.add_argument("--out-dir", default=str(DEFAULT_OUT), help="where paper_tables.{json,md} go")
-    p.add_argument("--runs-dir", default=str(ROOT / "build" / "bench-runs"), help="one JSON per finished (task, seed) run; reruns skip them")
+    p.add_argument(
+        "--runs-dir",
+        default=str(ROOT / "build" / "bench-runs"),
+        help="one JSON per finished (task, seed) run; reruns skip them",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes and budgets: a smoke test, numbers mean nothing")
     p.add_argument("--jobs", type=int, default=1, help="(task, seed) runs in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--perturbations", type=int, default=300, help="K of the layer selection")
-    p.add_argument("--head-steps", type=int, default=1000, help="OCD head training steps per head (a CPU budget; 0: the task's own)")
+    p.add_argument(
+        "--head-steps",
+        type=int,
+        default=1000,
+        help="OCD head training steps per head (a CPU budget; 0: the task's own)",
+    )
     p.add_argument("--no-ideas", action="store_true", help="skip the issue-8 variants")
     p.add_argument("--no-all-layers-oracle", action="store_true")
     p.add_argument("--force", action="store_true", help="rerun runs that are already saved")
@@ -503,17 +660,23 @@ def main(argv: list[str] | None = None) -> None:
         args.perturbations = min(args.perturbations, 20)
     out = Path(args.out_dir)
     if not Path(args.data_root).is_dir():
-        sys.exit(f"--data-root {args.data_root} is not a folder (it needs vision/, tabular/ and text/ from ../shared/data).")
+        sys.exit(
+            f"--data-root {args.data_root} is not a folder (it needs vision/, tabular/ and text/ from ../shared/data)."
+        )
     # the slowest tasks first, so that parallel workers finish together
     order = sorted(args.tasks, key=lambda t: -SLOWNESS.get(t, 0))
     runs_dir = Path(args.runs_dir)
-    jobs = [(t, s, args) for t in order for s in args.seeds if args.force or not (runs_dir / f"{t}-seed{s}.json").exists()]
+    jobs = [
+        (t, s, args) for t in order for s in args.seeds if args.force or not (runs_dir / f"{t}-seed{s}.json").exists()
+    ]
     t0 = time.perf_counter()
     failures = []
     if args.jobs > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             for name, seed, err in pool.imap_unordered(_worker, jobs):
-                print(f"{name} seed {seed}: {'FAILED' if err else 'done'} ({time.perf_counter() - t0:.0f}s)", flush=True)
+                print(
+                    f"{name} seed {seed}: {'FAILED' if err else 'done'} ({time.perf_counter() - t0:.0f}s)", flush=True
+                )
                 if err:
                     failures.append((name, seed, err))
     else:
@@ -522,11 +685,19 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name} seed {seed}: {'FAILED' if err else 'done'} ({time.perf_counter() - t0:.0f}s)", flush=True)
             if err:
                 failures.append((name, seed, err))
-    runs = [json.loads(f.read_text()) for f in sorted(runs_dir.glob("*.json"))
-            if f.stem.rsplit("-seed", 1)[0] in args.tasks and int(f.stem.rsplit("-seed", 1)[1]) in args.seeds]
+    runs = [
+        json.loads(f.read_text())
+        for f in sorted(runs_dir.glob("*.json"))
+        if f.stem.rsplit("-seed", 1)[0] in args.tasks and int(f.stem.rsplit("-seed", 1)[1]) in args.seeds
+    ]
     summary, md = aggregate(runs)
-    meta = {"command": "python benchmarks/paper_tables.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "torch": torch.__version__, "threads": args.threads, "quick": args.quick, "seconds": time.perf_counter() - t0}
+    meta = {
+        "command": "python benchmarks/paper_tables.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "quick": args.quick,
+        "seconds": time.perf_counter() - t0,
+    }
     _atomic_write(out / "paper_tables.json", json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
     _atomic_write(out / "paper_tables.md", md)
     print(md)

@@ -23,7 +23,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--types", nargs="+", default=["epsilon", "sample", "v_prediction"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (1 avoids oversubscription on a busy machine)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1 avoids oversubscription on a busy machine)"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -40,10 +42,20 @@ def main() -> None:
             rep = evaluate(ocd, test, num_samples=5, seed=seed, progress=False)
             x = torch.stack([test[i][0] for i in range(256)])
             cond, _ = ocd.conditioning(x)
-            omega = ocd.generate_deltas(cond, 1, torch.Generator().manual_seed(seed)) / ocd.head.scale_net(ocd.head.normalize(cond)).view(1, -1, 1, 1)
-            res.append((rep.rows["base"]["cross_entropy"], rep.rows["OCD"]["cross_entropy"], rep.rows["OCD"]["accuracy"],
-                        rep.cosine_to_oracle["OCD (1 draw)"], omega.std().item(), time.perf_counter() - t0))
-            print(kind, seed, ["%.4f" % v for v in res[-1]], flush=True)
+            omega = ocd.generate_deltas(cond, 1, torch.Generator().manual_seed(seed)) / ocd.head.scale_net(
+                ocd.head.normalize(cond)
+            ).view(1, -1, 1, 1)
+            res.append(
+                (
+                    rep.rows["base"]["cross_entropy"],
+                    rep.rows["OCD"]["cross_entropy"],
+                    rep.rows["OCD"]["accuracy"],
+                    rep.cosine_to_oracle["OCD (1 draw)"],
+                    omega.std().item(),
+                    time.perf_counter() - t0,
+                )
+            )
+            print(kind, seed, [f"{v:.4f}" for v in res[-1]], flush=True)
         rows[kind] = res
     print(f"\n{args.steps} steps, seeds {args.seeds}; mean ± SD")
     print("| prediction_type | base CE | OCD CE | OCD acc | cosine to oracle | sampled Ω std | s/run |")

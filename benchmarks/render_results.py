@@ -1,6 +1,6 @@
 """Assemble docs/results.md from the benchmark fragments in docs/results/ (written by paper_tables.py and speed.py).
 
-    python benchmarks/render_results.py [--results-dir docs/results] [--out docs/results.md]
+python benchmarks/render_results.py [--results-dir docs/results] [--out docs/results.md]
 """
 
 from __future__ import annotations

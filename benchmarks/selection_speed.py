@@ -41,8 +41,10 @@ def main() -> None:
     train, _ = load_digits_split(0)
     torch.manual_seed(0)  # LeNetDigits' initialisation (train_base seeds only the training)
     model = train_base(LeNetDigits(), train, epochs=args.epochs, seed=0)
-    print(f"base model: {args.epochs} epochs on {len(train)} digits in {time.perf_counter() - t0:.1f}s; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {_load()}")
+    print(
+        f"base model: {args.epochs} epochs on {len(train)} digits in {time.perf_counter() - t0:.1f}s; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {_load()}"
+    )
     x, y = train.tensors[0][: args.samples], train.tensors[1][: args.samples]
     runs = [(k, seed) for k in args.perturbations for seed in args.seeds]
     for i, (k, seed) in enumerate(runs):
@@ -55,7 +57,10 @@ def main() -> None:
             print()
         per = ", ".join(f"{s.name} {s.seconds:.1f}s" for s in sorted(report.scores, key=lambda s: s.order))
         ranking = " > ".join(f"{s.name} ({s.score:.1f})" for s in report.scores)
-        print(f"K={k:,} N={report.num_samples} seed={seed}: total {report.seconds:.1f}s ({per}); load {_load()}\n    {ranking}")
+        print(
+            f"K={k:,} N={report.num_samples} seed={seed}: total {report.seconds:.1f}s ({per}); load {_load()}\n    {ranking}"
+        )
+
 
 if __name__ == "__main__":
     main()

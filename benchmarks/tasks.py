@@ -35,9 +35,10 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,25 +56,29 @@ MISSING_CLASS_LOGIT_GAP = 10.0  # see _all_classes
 
 # Head sizes for a 2-core CPU (see `ocd_kwargs` in each builder); quick runs use the tiny one.
 SMALL_HEAD = dict(block_out_channels=(32, 32, 64), cond_hidden_dim=64, scale_hidden_dim=64)
-TINY_HEAD = dict(block_out_channels=(16, 16, 32), cond_hidden_dim=16, scale_hidden_dim=16, train_batch_size=16, num_train_steps=10)
+TINY_HEAD = dict(
+    block_out_channels=(16, 16, 32), cond_hidden_dim=16, scale_hidden_dim=16, train_batch_size=16, num_train_steps=10
+)
 
 
 @dataclass
 class Task:
-    name: str                 # "digits", "fashion_lenet5", "california_mlp", "setfit_8shot"
-    kind: str                 # "classification" | "regression"
-    loss: str                 # "cross_entropy" | "mse"
-    layer: str                # the layer OCD generates
-    model: Any                # the trained base model (eval mode)
-    train: Dataset            # what the base model was trained on
-    val: Dataset              # held-out validation split (never trained on): calibration / temperature
+    name: str  # "digits", "fashion_lenet5", "california_mlp", "setfit_8shot"
+    kind: str  # "classification" | "regression"
+    loss: str  # "cross_entropy" | "mse"
+    layer: str  # the layer OCD generates
+    model: Any  # the trained base model (eval mode)
+    train: Dataset  # what the base model was trained on
+    val: Dataset  # held-out validation split (never trained on): calibration / temperature
     test: Dataset
-    train_fn: Callable[[Dataset], Any]   # a FRESH base model of the same recipe on a subset; deterministic given the seed
-    batch_size: int           # for collection / evaluation batches
-    ocd_kwargs: dict          # OCDConfig kwargs suited to the task size (the seed is not among them)
-    sizes: dict               # split sizes and recipe facts
-    paper: dict | None        # the paper's numbers for the setting this task stands in for
-    base_seconds: float       # time to train the base model
+    train_fn: Callable[
+        [Dataset], Any
+    ]  # a FRESH base model of the same recipe on a subset; deterministic given the seed
+    batch_size: int  # for collection / evaluation batches
+    ocd_kwargs: dict  # OCDConfig kwargs suited to the task size (the seed is not among them)
+    sizes: dict  # split sizes and recipe facts
+    paper: dict | None  # the paper's numbers for the setting this task stands in for
+    base_seconds: float  # time to train the base model
 
 
 def build_task(name: str, seed: int, *, data_root: str | Path, quick: bool = False) -> Task:
@@ -82,7 +87,12 @@ def build_task(name: str, seed: int, *, data_root: str | Path, quick: bool = Fal
     `data_root` is the folder holding vision/, tabular/ and text/ (../shared/data from the project root);
     `quick=True` gives tiny splits and recipes for a smoke test.
     """
-    builders = {"digits": _digits, "fashion_lenet5": _fashion_lenet5, "california_mlp": _california_mlp, "setfit_8shot": _setfit_8shot}
+    builders = {
+        "digits": _digits,
+        "fashion_lenet5": _fashion_lenet5,
+        "california_mlp": _california_mlp,
+        "setfit_8shot": _setfit_8shot,
+    }
     if name not in builders:
         raise ValueError(f"Unknown task {name!r}; choose one of {list(TASKS)}.")
     return builders[name](int(seed), Path(data_root), quick)
@@ -119,7 +129,7 @@ def _require(path: Path) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _example(stem: str):
     """An examples/<stem>.py module, loaded by path once (the examples are scripts, not a package)."""
     name = f"ocd_examples_{stem}"
@@ -143,7 +153,9 @@ def _tensors(ds: Dataset) -> tuple[torch.Tensor, ...]:
     return tuple(torch.stack([torch.as_tensor(v) for v in col]) for col in zip(*rows))
 
 
-def _fit_torch(model: nn.Module, ds: Dataset, loss_fn, *, epochs: int, batch_size: int, lr: float, seed: int) -> nn.Module:
+def _fit_torch(
+    model: nn.Module, ds: Dataset, loss_fn, *, epochs: int, batch_size: int, lr: float, seed: int
+) -> nn.Module:
     """The examples' loop: Adam, `epochs` passes over seeded random batches."""
     xs, ys = _tensors(ds)
     g = torch.Generator().manual_seed(seed)
@@ -183,12 +195,28 @@ def _digits(seed: int, data_root: Path, quick: bool) -> Task:
 
     model, secs = _timed(train_fn, train)
     return Task(
-        name="digits", kind="classification", loss="cross_entropy", layer="fc2", model=model,
-        train=train, val=val, test=test, train_fn=train_fn, batch_size=256,
+        name="digits",
+        kind="classification",
+        loss="cross_entropy",
+        layer="fc2",
+        model=model,
+        train=train,
+        val=val,
+        test=test,
+        train_fn=train_fn,
+        batch_size=256,
         ocd_kwargs=dict(TINY_HEAD) if quick else dict(SMALL_HEAD, num_train_steps=2000),
-        sizes={"train": len(train), "val": len(val), "test": len(test), "epochs": epochs, "optimizer": "Adam 2e-3",
-               "train_batch_size": 64, "source": "sklearn load_digits (1797 8x8 images)"},
-        paper=None, base_seconds=secs,
+        sizes={
+            "train": len(train),
+            "val": len(val),
+            "test": len(test),
+            "epochs": epochs,
+            "optimizer": "Adam 2e-3",
+            "train_batch_size": 64,
+            "source": "sklearn load_digits (1797 8x8 images)",
+        },
+        paper=None,
+        base_seconds=secs,
     )
 
 
@@ -214,13 +242,34 @@ def _fashion_lenet5(seed: int, data_root: Path, quick: bool) -> Task:
 
     model, secs = _timed(train_fn, train)
     return Task(
-        name="fashion_lenet5", kind="classification", loss="cross_entropy", layer="fc2", model=model,
-        train=train, val=val, test=test, train_fn=train_fn, batch_size=256,
+        name="fashion_lenet5",
+        kind="classification",
+        loss="cross_entropy",
+        layer="fc2",
+        model=model,
+        train=train,
+        val=val,
+        test=test,
+        train_fn=train_fn,
+        batch_size=256,
         ocd_kwargs=dict(TINY_HEAD) if quick else dict(SMALL_HEAD, num_train_steps=2000),
-        sizes={"train": len(train), "val": len(val), "test": len(test), "epochs": epochs, "optimizer": "Adam 1e-3",
-               "train_batch_size": 64, "source": "Fashion-MNIST: train/val from the 60k train file, test from t10k"},
-        paper={"table": "Tab. 1", "setting": "MNIST, LeNet5 (here: Fashion-MNIST, a harder stand-in)",
-               "base_ce": 0.080, "base_acc": 0.992, "ocd_ce": 0.010, "ocd_acc": 0.997},
+        sizes={
+            "train": len(train),
+            "val": len(val),
+            "test": len(test),
+            "epochs": epochs,
+            "optimizer": "Adam 1e-3",
+            "train_batch_size": 64,
+            "source": "Fashion-MNIST: train/val from the 60k train file, test from t10k",
+        },
+        paper={
+            "table": "Tab. 1",
+            "setting": "MNIST, LeNet5 (here: Fashion-MNIST, a harder stand-in)",
+            "base_ce": 0.080,
+            "base_acc": 0.992,
+            "ocd_ce": 0.010,
+            "ocd_acc": 0.997,
+        },
         base_seconds=secs,
     )
 
@@ -247,13 +296,34 @@ def _california_mlp(seed: int, data_root: Path, quick: bool) -> Task:
 
     model, secs = _timed(train_fn, train)
     return Task(
-        name="california_mlp", kind="regression", loss="mse", layer="fc2", model=model,
-        train=train, val=val, test=test, train_fn=train_fn, batch_size=256,
+        name="california_mlp",
+        kind="regression",
+        loss="mse",
+        layer="fc2",
+        model=model,
+        train=train,
+        val=val,
+        test=test,
+        train_fn=train_fn,
+        batch_size=256,
         ocd_kwargs=dict(TINY_HEAD) if quick else dict(SMALL_HEAD, num_train_steps=2000),
-        sizes={"train": len(train), "val": len(val), "test": len(test), "epochs": epochs, "optimizer": "Adam 1e-3",
-               "train_batch_size": 128, "source": "California housing (20640 rows); features standardised with train statistics, "
-               "target MedHouseVal in $100k, not scaled"},
-        paper={"table": "Tab. 4", "setting": "CA housing, MLP", "base_rmse": 0.499, "ocd_rmse": 0.480, "oracle_rmse": 0.475},
+        sizes={
+            "train": len(train),
+            "val": len(val),
+            "test": len(test),
+            "epochs": epochs,
+            "optimizer": "Adam 1e-3",
+            "train_batch_size": 128,
+            "source": "California housing (20640 rows); features standardised with train statistics, "
+            "target MedHouseVal in $100k, not scaled",
+        },
+        paper={
+            "table": "Tab. 4",
+            "setting": "CA housing, MLP",
+            "base_rmse": 0.499,
+            "ocd_rmse": 0.480,
+            "oracle_rmse": 0.475,
+        },
         base_seconds=secs,
     )
 
@@ -279,7 +349,7 @@ def _setfit_8shot(seed: int, data_root: Path, quick: bool) -> Task:
         shots, n_val, n_test, iterations, max_length, max_steps = 8, 100, 300, 5, 64, -1
     pool, held = split_indices(len(texts), (len(texts) // 2, len(texts) - len(texts) // 2), seed)
     tr_text, tr_y = few_shot([texts[i] for i in pool], [labels[i] for i in pool], shots, seed)
-    va, te = held[:n_val], held[n_val:n_val + n_test]
+    va, te = held[:n_val], held[n_val : n_val + n_test]
     train = HFDataset.from_dict({"text": tr_text, "label": tr_y})
     val = HFDataset.from_dict({"text": [texts[i] for i in va], "label": [labels[i] for i in va]})
     test = HFDataset.from_dict({"text": [texts[i] for i in te], "label": [labels[i] for i in te]})
@@ -297,8 +367,16 @@ def _setfit_8shot(seed: int, data_root: Path, quick: bool) -> Task:
             model = SetFitModel.from_pretrained(model_path)
             model.model_body.max_seq_length = max_length
             args = TrainingArguments(
-                output_dir=tmp, batch_size=16, num_epochs=1, num_iterations=iterations, seed=seed, max_length=max_length,
-                max_steps=max_steps, report_to="none", save_strategy="no", show_progress_bar=False,
+                output_dir=tmp,
+                batch_size=16,
+                num_epochs=1,
+                num_iterations=iterations,
+                seed=seed,
+                max_length=max_length,
+                max_steps=max_steps,
+                report_to="none",
+                save_strategy="no",
+                show_progress_bar=False,
             )
             Trainer(model=model, args=args, train_dataset=ds).train()
         model.model_body.eval()
@@ -307,15 +385,39 @@ def _setfit_8shot(seed: int, data_root: Path, quick: bool) -> Task:
 
     model, secs = _timed(train_fn, train)
     return Task(
-        name="setfit_8shot", kind="classification", loss="cross_entropy", layer=_preferred_layer(model), model=model,
-        train=train, val=val, test=test, train_fn=train_fn, batch_size=16,
+        name="setfit_8shot",
+        kind="classification",
+        loss="cross_entropy",
+        layer=_preferred_layer(model),
+        model=model,
+        train=train,
+        val=val,
+        test=test,
+        train_fn=train_fn,
+        batch_size=16,
         ocd_kwargs=dict(TINY_HEAD) if quick else dict(SMALL_HEAD, num_train_steps=1000),
-        sizes={"train": len(train), "val": len(val), "test": len(test), "shots": shots, "classes": NUM_CLASSES, "epochs": 1,
-               "num_iterations": iterations, "max_length": max_length, "max_steps": max_steps, "train_batch_size": 16,
-               "head": "LogisticRegression", "body": "all-MiniLM-L6-v2",
-               "source": "Women's clothing reviews, ratings 1-5 -> classes 0-4, texts de-duplicated; "
-               "train drawn per class from one half, val/test (natural class mix) from the other"},
-        paper={"table": "Tab. 6", "setting": "SST-5, 8-shot SetFit (here: clothing reviews)", "base_acc": 0.436, "ocd_acc": 0.478},
+        sizes={
+            "train": len(train),
+            "val": len(val),
+            "test": len(test),
+            "shots": shots,
+            "classes": NUM_CLASSES,
+            "epochs": 1,
+            "num_iterations": iterations,
+            "max_length": max_length,
+            "max_steps": max_steps,
+            "train_batch_size": 16,
+            "head": "LogisticRegression",
+            "body": "all-MiniLM-L6-v2",
+            "source": "Women's clothing reviews, ratings 1-5 -> classes 0-4, texts de-duplicated; "
+            "train drawn per class from one half, val/test (natural class mix) from the other",
+        },
+        paper={
+            "table": "Tab. 6",
+            "setting": "SST-5, 8-shot SetFit (here: clothing reviews)",
+            "base_acc": 0.436,
+            "ocd_acc": 0.478,
+        },
         base_seconds=secs,
     )
 
@@ -342,8 +444,11 @@ def _all_classes(head: Any, n_classes: int) -> None:
     new_coef[classes] = coef
     new_intercept[classes] = intercept
     head.coef_, head.intercept_, head.classes_ = new_coef, new_intercept, np.arange(n_classes)
-    warnings.warn(f"SetFit train_fn: classes {sorted(set(range(n_classes)) - set(classes.tolist()))} had no training "
-                  "examples in this subset; their head rows are zero with a low intercept.", stacklevel=3)
+    warnings.warn(
+        f"SetFit train_fn: classes {sorted(set(range(n_classes)) - set(classes.tolist()))} had no training "
+        "examples in this subset; their head rows are zero with a low intercept.",
+        stacklevel=3,
+    )
 
 
 def _preferred_layer(model: Any) -> str:

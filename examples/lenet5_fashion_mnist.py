@@ -47,7 +47,9 @@ def read_idx(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = folder / f"{split}-images-idx3-ubyte.gz", folder / f"{split}-labels-idx1-ubyte.gz"
     for f in (images, labels):
         if not f.exists():
-            sys.exit(f"{f} not found: --data-dir must hold the Fashion-MNIST idx files ({split}-images-idx3-ubyte.gz, ...).")
+            sys.exit(
+                f"{f} not found: --data-dir must hold the Fashion-MNIST idx files ({split}-images-idx3-ubyte.gz, ...)."
+            )
     x = np.frombuffer(gzip.open(images).read(), np.uint8, offset=16).reshape(-1, 28, 28)
     y = np.frombuffer(gzip.open(labels).read(), np.uint8, offset=8)
     return x, y
@@ -69,7 +71,9 @@ def load(data_dir: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
 
 
 def to_tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-    return TensorDataset(torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
+    return TensorDataset(
+        torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
+    )
 
 
 def main(argv=None) -> None:
@@ -93,7 +97,11 @@ def main(argv=None) -> None:
     xtr, ytr, xte, yte = load(args.data_dir)
     rng = np.random.default_rng(args.seed)
     perm = rng.permutation(len(ytr))
-    tr, va, te = perm[: args.train_size], perm[args.train_size : args.train_size + args.val_size], rng.permutation(len(yte))[: args.test_size]
+    tr, va, te = (
+        perm[: args.train_size],
+        perm[args.train_size : args.train_size + args.val_size],
+        rng.permutation(len(yte))[: args.test_size],
+    )
     # validation images the base model never sees: OCD's delta_scale is chosen on them
     train, val, test = to_tensors(xtr[tr], ytr[tr]), to_tensors(xtr[va], ytr[va]), to_tensors(xte[te], yte[te])
 
@@ -106,13 +114,17 @@ def main(argv=None) -> None:
             nn.functional.cross_entropy(model(xs[idx]), ys[idx]).backward()
             opt.step()
     model.eval()
-    print(f"Fashion-MNIST: {len(train)} train / {len(test)} test images; LeNet5 trained in {time.perf_counter() - t0:.0f}s")
+    print(
+        f"Fashion-MNIST: {len(train)} train / {len(test)} test images; LeNet5 trained in {time.perf_counter() - t0:.0f}s"
+    )
 
     t1 = time.perf_counter()
     ocd = OCDWrapper.from_pretrained(model, layer=args.layer, num_train_steps=args.ocd_steps, seed=args.seed)
     ocd.fit(train, loss="cross_entropy", batch_size=256, eval_dataset=val)
-    print(f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected, trained and calibrated in {time.perf_counter() - t1:.0f}s; "
-          f"delta_scale {ocd.config.delta_scale} (0: no gain on validation, OCD is off)")
+    print(
+        f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected, trained and calibrated in {time.perf_counter() - t1:.0f}s; "
+        f"delta_scale {ocd.config.delta_scale} (0: no gain on validation, OCD is off)"
+    )
 
     report = evaluate(ocd, test, num_samples=5, seed=args.seed, validation=val)
     print(f"\nHeld-out Fashion-MNIST test images ({len(test)}):")

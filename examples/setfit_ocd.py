@@ -30,8 +30,14 @@ import numpy as np
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sentence-transformers/paraphrase-mpnet-base-v2", help="Hub id or local folder of a sentence-transformers / SetFit model")
-    p.add_argument("--data", default="SetFit/sst5", help="Hub dataset id, or a local .csv / .csv.gz / .jsonl / .parquet file")
+    p.add_argument(
+        "--model",
+        default="sentence-transformers/paraphrase-mpnet-base-v2",
+        help="Hub id or local folder of a sentence-transformers / SetFit model",
+    )
+    p.add_argument(
+        "--data", default="SetFit/sst5", help="Hub dataset id, or a local .csv / .csv.gz / .jsonl / .parquet file"
+    )
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--shots", type=int, default=8, help="training examples per class")
@@ -40,13 +46,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=128, help="tokens per text")
     p.add_argument("--max-steps", type=int, default=-1, help="cap on SetFit's contrastive training steps (-1: no cap)")
     p.add_argument("--differentiable-head", action="store_true", help="SetFitHead instead of LogisticRegression")
-    p.add_argument("--layer", default=None, help="layer to generate (default: the head; 'auto' runs the entropy selection)")
-    p.add_argument("--target", default="full", choices=["full", "factored"], help="generate whole deltas or u in R^out (docs/factored.md)")
+    p.add_argument(
+        "--layer", default=None, help="layer to generate (default: the head; 'auto' runs the entropy selection)"
+    )
+    p.add_argument(
+        "--target",
+        default="full",
+        choices=["full", "factored"],
+        help="generate whole deltas or u in R^out (docs/factored.md)",
+    )
     p.add_argument("--ocd-steps", type=int, default=1000, help="OCD head training steps")
     p.add_argument("--num-samples", type=int, default=5, help="draws in the OCD ensemble")
-    p.add_argument("--output-dir", default=None, help="keep the collected deltas, checkpoints and the trained OCD head here")
+    p.add_argument(
+        "--output-dir", default=None, help="keep the collected deltas, checkpoints and the trained OCD head here"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny budget (a smoke test): 4 shots, 1 SetFit step, 8 test texts, 10 OCD steps, small OCD head")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny budget (a smoke test): 4 shots, 1 SetFit step, 8 test texts, 10 OCD steps, small OCD head",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.shots, args.test_size, args.num_iterations, args.max_length, args.ocd_steps = 4, 8, 1, 32, 10
@@ -70,18 +89,26 @@ def load_texts(args) -> tuple[list[str], list, list[str], list]:
             df = pd.read_csv(path)
         missing = [c for c in (args.text_column, args.label_column) if c not in df.columns]
         if missing:
-            sys.exit(f"Columns {missing} not in {path} (columns: {list(df.columns)}); set --text-column / --label-column.")
+            sys.exit(
+                f"Columns {missing} not in {path} (columns: {list(df.columns)}); set --text-column / --label-column."
+            )
         df = df[[args.text_column, args.label_column]].dropna().sample(frac=1.0, random_state=args.seed)
         half = len(df) // 2
         train, test = df.iloc[:half], df.iloc[half:]
-        return (train[args.text_column].astype(str).tolist(), train[args.label_column].tolist(),
-                test[args.text_column].astype(str).tolist(), test[args.label_column].tolist())
+        return (
+            train[args.text_column].astype(str).tolist(),
+            train[args.label_column].tolist(),
+            test[args.text_column].astype(str).tolist(),
+            test[args.label_column].tolist(),
+        )
     from datasets import load_dataset
 
     try:
         ds = load_dataset(args.data)
     except Exception as e:  # offline, or a wrong id
-        sys.exit(f"Could not load the dataset {args.data!r} ({type(e).__name__}: {e}). Offline? Pass --data with a local file.")
+        sys.exit(
+            f"Could not load the dataset {args.data!r} ({type(e).__name__}: {e}). Offline? Pass --data with a local file."
+        )
     test_split = "test" if "test" in ds else "validation"
     train, test = ds["train"].shuffle(seed=args.seed), ds[test_split].shuffle(seed=args.seed)
     return train[args.text_column], train[args.label_column], test[args.text_column], test[args.label_column]
@@ -118,19 +145,35 @@ def main(argv=None) -> None:
     te_text, te_y = te_text[: args.test_size], [to_id[c] for c in te_label[: args.test_size]]
     train = Dataset.from_dict({"text": tr_text, "label": tr_y})
     test = Dataset.from_dict({"text": te_text, "label": te_y})
-    say(f"{args.data}: {len(classes)} classes {classes}; {len(train)} training texts ({args.shots} per class), {len(test)} test texts")
+    say(
+        f"{args.data}: {len(classes)} classes {classes}; {len(train)} training texts ({args.shots} per class), {len(test)} test texts"
+    )
 
     # ---- 1. few-shot SetFit (contrastive body training, then the head)
     try:
-        head = {"use_differentiable_head": True, "head_params": {"out_features": len(classes)}} if args.differentiable_head else {}
+        head = (
+            {"use_differentiable_head": True, "head_params": {"out_features": len(classes)}}
+            if args.differentiable_head
+            else {}
+        )
         model = SetFitModel.from_pretrained(args.model, labels=[str(c) for c in classes], **head)
     except Exception as e:
-        sys.exit(f"Could not load the model {args.model!r} ({type(e).__name__}: {e}). Offline? Pass --model with a local folder.")
+        sys.exit(
+            f"Could not load the model {args.model!r} ({type(e).__name__}: {e}). Offline? Pass --model with a local folder."
+        )
     model.model_body.max_seq_length = args.max_length
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
-            output_dir=tmp, batch_size=16, num_epochs=1, num_iterations=args.num_iterations, seed=args.seed,
-            report_to="none", save_strategy="no", show_progress_bar=False, max_length=args.max_length, max_steps=args.max_steps,
+            output_dir=tmp,
+            batch_size=16,
+            num_epochs=1,
+            num_iterations=args.num_iterations,
+            seed=args.seed,
+            report_to="none",
+            save_strategy="no",
+            show_progress_bar=False,
+            max_length=args.max_length,
+            max_steps=args.max_steps,
         )
         accuracy = lambda pred, ref: {"accuracy": float(np.mean(np.asarray(pred) == np.asarray(ref)))}  # noqa: E731
         Trainer(model=model, args=targs, train_dataset=train, metric=accuracy).train()
@@ -142,15 +185,27 @@ def main(argv=None) -> None:
     layer = args.layer or _head_layer(model)
     selection = {"text": tr_text[:16], "label": torch.tensor(tr_y[:16])} if layer == "auto" else None
     ocd = OCDWrapper.from_pretrained(
-        model, layer=layer, num_train_steps=args.ocd_steps, seed=args.seed, target=args.target,
-        selection_data=selection, selection_kwargs={"num_perturbations": 100}, **small,
+        model,
+        layer=layer,
+        num_train_steps=args.ocd_steps,
+        seed=args.seed,
+        target=args.target,
+        selection_data=selection,
+        selection_kwargs={"num_perturbations": 100},
+        **small,
     )
     out = Path(args.output_dir) if args.output_dir else None
     ocd.fit(
-        train, batch_size=16, accelerator=accelerator, progress=main_process,
-        collect_dir=out / "deltas" if out else None, output_dir=out / "training" if out else None,
+        train,
+        batch_size=16,
+        accelerator=accelerator,
+        progress=main_process,
+        collect_dir=out / "deltas" if out else None,
+        output_dir=out / "training" if out else None,
     )
-    say(f"OCD on layer {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected and trained in {time.perf_counter() - t1:.0f}s")
+    say(
+        f"OCD on layer {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected and trained in {time.perf_counter() - t1:.0f}s"
+    )
 
     # ---- 3. evaluation (main process)
     if main_process:

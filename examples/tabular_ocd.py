@@ -43,7 +43,9 @@ def load(path: str | None) -> tuple[np.ndarray, np.ndarray]:
         try:
             d = fetch_california_housing()
         except Exception as e:
-            sys.exit(f"Could not download California housing ({type(e).__name__}: {e}). Offline? Pass --data with a local CSV.")
+            sys.exit(
+                f"Could not download California housing ({type(e).__name__}: {e}). Offline? Pass --data with a local CSV."
+            )
         return d.data.astype(np.float32), d.target.astype(np.float32)
     import pandas as pd
 
@@ -96,8 +98,10 @@ def main(argv=None) -> None:
     t1 = time.perf_counter()
     ocd = OCDWrapper.from_pretrained(model, layer=args.layer, num_train_steps=args.ocd_steps, seed=args.seed)
     ocd.fit(train, loss="mse", batch_size=256, eval_dataset=val)
-    print(f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected, trained and calibrated in {time.perf_counter() - t1:.0f}s; "
-          f"delta_scale {ocd.config.delta_scale} (0: no gain on validation, OCD is off)")
+    print(
+        f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected, trained and calibrated in {time.perf_counter() - t1:.0f}s; "
+        f"delta_scale {ocd.config.delta_scale} (0: no gain on validation, OCD is off)"
+    )
 
     report = evaluate(ocd, test, num_samples=5, seed=args.seed, validation=val)
     print(f"\nHeld-out houses ({len(test)}), target {TARGET} (units of $100k):")

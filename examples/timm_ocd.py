@@ -42,7 +42,9 @@ def build_model(name: str, weights: str | None):
         try:
             return timm.create_model(name, pretrained=True)
         except Exception as e:
-            sys.exit(f"Could not download pretrained {name} ({type(e).__name__}: {e}). Offline? Pass --weights with a local state dict.")
+            sys.exit(
+                f"Could not download pretrained {name} ({type(e).__name__}: {e}). Offline? Pass --weights with a local state dict."
+            )
     if not Path(weights).exists():
         sys.exit(f"Weights file {weights} not found.")
     model = timm.create_model(name, pretrained=False)
@@ -62,11 +64,19 @@ def features(model, x: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tf_efficientnet_lite0", help="timm model name")
-    p.add_argument("--weights", default=None, help="local state dict for --model (default: timm's pretrained weights, online)")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx folder (default: Hub dataset zalando-datasets/fashion_mnist)")
+    p.add_argument(
+        "--weights", default=None, help="local state dict for --model (default: timm's pretrained weights, online)"
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="Fashion-MNIST idx folder (default: Hub dataset zalando-datasets/fashion_mnist)",
+    )
     p.add_argument("--train-size", type=int, default=1000)
     p.add_argument("--test-size", type=int, default=500)
-    p.add_argument("--image-size", type=int, default=128, help="side of the upsampled images (the weights were trained at 224)")
+    p.add_argument(
+        "--image-size", type=int, default=128, help="side of the upsampled images (the weights were trained at 224)"
+    )
     p.add_argument("--head-epochs", type=int, default=100, help="full-batch epochs for the new classifier")
     p.add_argument("--layer", default=None, help="layer to generate (default: the classifier)")
     p.add_argument("--ocd-steps", type=int, default=1000)
@@ -96,14 +106,18 @@ def main(argv=None) -> None:
         opt.zero_grad()
         F.cross_entropy(head(feats), y_train).backward()
         opt.step()
-    print(f"{args.model} on Fashion-MNIST ({len(y_train)} train / {len(y_test)} test images at {args.image_size}px): "
-          f"classifier fine-tuned in {time.perf_counter() - t0:.0f}s")
+    print(
+        f"{args.model} on Fashion-MNIST ({len(y_train)} train / {len(y_test)} test images at {args.image_size}px): "
+        f"classifier fine-tuned in {time.perf_counter() - t0:.0f}s"
+    )
 
     t1 = time.perf_counter()
     layer = args.layer or get_adapter(model).preferred_layer  # timm names its classifier
     ocd = OCDWrapper.from_pretrained(model, layer=layer, num_train_steps=args.ocd_steps, seed=args.seed)
     ocd.fit(TensorDataset(x_train, y_train), batch_size=32)  # cross-entropy comes from the timm integration
-    print(f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected and trained in {time.perf_counter() - t1:.0f}s")
+    print(
+        f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected and trained in {time.perf_counter() - t1:.0f}s"
+    )
 
     report = evaluate(ocd, TensorDataset(x_test, y_test), num_samples=5, batch_size=50, seed=args.seed)
     print(f"\nHeld-out Fashion-MNIST test images ({len(y_test)}):")

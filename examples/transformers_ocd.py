@@ -29,8 +29,14 @@ from setfit_ocd import load_texts  # noqa: E402
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="Hub id or local folder of a BERT-family encoder")
-    p.add_argument("--data", default="SetFit/sst5", help="Hub dataset id, or a local .csv / .csv.gz / .jsonl / .parquet file")
+    p.add_argument(
+        "--model",
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        help="Hub id or local folder of a BERT-family encoder",
+    )
+    p.add_argument(
+        "--data", default="SetFit/sst5", help="Hub dataset id, or a local .csv / .csv.gz / .jsonl / .parquet file"
+    )
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--train-size", type=int, default=1500, help="texts for fine-tuning and for OCD")
@@ -38,7 +44,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (whole model)")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--layer", default=None, help="layer to generate (default: the classifier; 'auto': entropy selection)")
+    p.add_argument(
+        "--layer", default=None, help="layer to generate (default: the classifier; 'auto': entropy selection)"
+    )
     p.add_argument("--ocd-steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, help="folder to save the trained OCD head to")
@@ -60,8 +68,11 @@ def main(argv=None) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForSequenceClassification.from_pretrained(
-            args.model, num_labels=len(classes), ignore_mismatched_sizes=True,
-            id2label={i: str(c) for i, c in enumerate(classes)}, label2id={str(c): i for i, c in enumerate(classes)},
+            args.model,
+            num_labels=len(classes),
+            ignore_mismatched_sizes=True,
+            id2label={i: str(c) for i, c in enumerate(classes)},
+            label2id={str(c): i for i, c in enumerate(classes)},
         )
     except Exception as e:
         sys.exit(f"Could not load {args.model!r} ({type(e).__name__}: {e}). Offline? Pass --model with a local folder.")
@@ -89,10 +100,18 @@ def main(argv=None) -> None:
     t1 = time.perf_counter()
     layer = args.layer or get_adapter(model).preferred_layer
     selection = next(iter(DataLoader(train, batch_size=32, collate_fn=collate))) if layer == "auto" else None
-    ocd = OCDWrapper.from_pretrained(model, layer=layer, selection_data=selection, num_train_steps=args.ocd_steps, seed=args.seed,
-                                     selection_kwargs={"num_perturbations": 200, "max_samples": 16})
+    ocd = OCDWrapper.from_pretrained(
+        model,
+        layer=layer,
+        selection_data=selection,
+        num_train_steps=args.ocd_steps,
+        seed=args.seed,
+        selection_kwargs={"num_perturbations": 200, "max_samples": 16},
+    )
     ocd.fit(train, batch_size=32)
-    print(f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected and trained in {time.perf_counter() - t1:.0f}s")
+    print(
+        f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected and trained in {time.perf_counter() - t1:.0f}s"
+    )
 
     report = evaluate(ocd, test, num_samples=5, batch_size=50, seed=args.seed)
     print(f"\nHeld-out texts ({len(test)}), majority class share {np.bincount(test['label']).max() / len(test):.3f}:")

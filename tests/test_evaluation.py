@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import TINY_HEAD, SmallCNN
 from torch.utils.data import TensorDataset
 
 from ocd_hf import OCDWrapper
@@ -11,13 +12,11 @@ from ocd_hf.evaluation import evaluate, expected_calibration_error, fit_temperat
 from ocd_hf.losses import cross_entropy
 from ocd_hf.overfit import make_optimizer, overfit_all_layers, take
 
-from conftest import TINY_HEAD, SmallCNN
-
 
 def test_ece_matches_a_slow_loop():
     g = torch.Generator().manual_seed(0)
     conf = torch.rand(500, generator=g)
-    hit = (torch.rand(500, generator=g) < conf ** 2).float()
+    hit = (torch.rand(500, generator=g) < conf**2).float()
     slow = 0.0
     for b in range(10):
         lo, hi = b / 10, (b + 1) / 10
@@ -75,18 +74,42 @@ def test_evaluate_reports_every_row(tmp_path):
     store = ocd.collect(train, "cross_entropy", collect_dir=tmp_path / "c", progress=False)
     ocd.train_head(store, progress=False)
     ocd.config = ocd.config.replace(delta_scale=0.5)
-    alt = OCDWrapper.from_pretrained(model, layer="fc2", num_train_steps=5, **TINY_HEAD).fit(train, "cross_entropy", progress=False)
-    r = evaluate(ocd, test, num_samples=3, validation=val, train=train, collection=store, alternative=alt, oracle_all_layers=True, progress=False)
+    alt = OCDWrapper.from_pretrained(model, layer="fc2", num_train_steps=5, **TINY_HEAD).fit(
+        train, "cross_entropy", progress=False
+    )
+    r = evaluate(
+        ocd,
+        test,
+        num_samples=3,
+        validation=val,
+        train=train,
+        collection=store,
+        alternative=alt,
+        oracle_all_layers=True,
+        progress=False,
+    )
     expected = {
-        "base", "base + temperature scaling", "kNN in i_L space", "oracle, this layer (test label)",
-        "oracle, all layers (test label)", "OCD", "OCD x3", "OCD mean-weights x3", "OCD at delta_scale 1",
-        "nearest-neighbour delta", "no-scale ablation (mean training ρ)", "mean-delta control", "OCD on fc2",
+        "base",
+        "base + temperature scaling",
+        "kNN in i_L space",
+        "oracle, this layer (test label)",
+        "oracle, all layers (test label)",
+        "OCD",
+        "OCD x3",
+        "OCD mean-weights x3",
+        "OCD at delta_scale 1",
+        "nearest-neighbour delta",
+        "no-scale ablation (mean training ρ)",
+        "mean-delta control",
+        "OCD on fc2",
     }
     assert set(r.rows) == expected
     assert all(set(v) == {"cross_entropy", "accuracy", "ece"} for v in r.rows.values())
     assert set(r.cosine_to_oracle) == {"OCD (1 draw)", "nearest-neighbour delta", "mean training delta"}
     assert r.health["target_std"] > 0 and r.extra["delta_scale"] == 0.5
-    base_ce = cross_entropy(model(torch.stack([test[i][0] for i in range(16)])), torch.stack([test[i][1] for i in range(16)])).mean()
+    base_ce = cross_entropy(
+        model(torch.stack([test[i][0] for i in range(16)])), torch.stack([test[i][1] for i in range(16)])
+    ).mean()
     assert r.rows["base"]["cross_entropy"] == pytest.approx(float(base_ce), rel=1e-5)
     assert r.rows["oracle, all layers (test label)"]["cross_entropy"] < r.rows["base"]["cross_entropy"]
     assert "| OCD on fc2 |" in r.to_markdown()

@@ -2,6 +2,7 @@ import resource
 
 import pytest
 import torch
+from conftest import TINY_HEAD
 from torch import nn
 from torch.utils.data import TensorDataset
 from transformers.pytorch_utils import Conv1D
@@ -11,12 +12,12 @@ from ocd_hf.losses import cross_entropy
 from ocd_hf.overfit import overfit_batch
 from ocd_hf.per_sample import factored_to_full, input_direction, per_sample_weights
 
-from conftest import TINY_HEAD
-
 
 def mlp(d_in=6, hidden=12, classes=3):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, classes)
+    )
 
 
 def test_sgd_factored_equals_full_delta_exactly():
@@ -46,7 +47,9 @@ def test_adam_factored_is_projection_with_energy():
     assert ((fac.energy > 0) & (fac.energy <= 1 + 1e-6)).all()
 
 
-@pytest.mark.parametrize("layer,shape", [(nn.Linear(7, 5), (4, 7)), (nn.Linear(7, 5), (4, 3, 7)), (Conv1D(5, 7), (4, 6, 7))])
+@pytest.mark.parametrize(
+    "layer,shape", [(nn.Linear(7, 5), (4, 7)), (nn.Linear(7, 5), (4, 3, 7)), (Conv1D(5, 7), (4, 6, 7))]
+)
 def test_factored_forward_equals_full_forward(layer, shape):
     torch.manual_seed(0)
     x = torch.randn(shape)
@@ -73,7 +76,17 @@ def test_token_inputs_sgd_energy_not_measured():
     def fwd(model, x):
         return model(x).mean(1)
 
-    r = overfit_batch(m, lin, torch.randn(2, 5, 4), torch.tensor([0, 2]), cross_entropy, fwd, optimizer="sgd", lr=0.1, target="factored")
+    r = overfit_batch(
+        m,
+        lin,
+        torch.randn(2, 5, 4),
+        torch.tensor([0, 2]),
+        cross_entropy,
+        fwd,
+        optimizer="sgd",
+        lr=0.1,
+        target="factored",
+    )
     assert r.delta.shape == (2, 3) and torch.isnan(r.energy).all()
 
 
@@ -98,8 +111,15 @@ def test_4096_square_layer_collect_train_generate(tmp_path):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4))
     data = TensorDataset(torch.randn(32, 16), torch.randint(0, 4, (32,)))
-    ocd = OCDWrapper.from_pretrained(m, layer="2", target="factored", overfit_optimizer="sgd", overfit_lr=0.01,
-                                     num_train_steps=3, **{**TINY_HEAD, "train_batch_size": 8})
+    ocd = OCDWrapper.from_pretrained(
+        m,
+        layer="2",
+        target="factored",
+        overfit_optimizer="sgd",
+        overfit_lr=0.01,
+        num_train_steps=3,
+        **{**TINY_HEAD, "train_batch_size": 8},
+    )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ocd.fit(data, loss="cross_entropy", batch_size=16, collect_dir=tmp_path / "c", progress=False)
     out = ocd(data.tensors[0][:2], generator=torch.Generator().manual_seed(0))

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import TINY_HEAD, SmallCNN
 
 from ocd_hf import OCDConfig, OCDWrapper
 from ocd_hf.capture import Conditioning
@@ -18,18 +19,20 @@ from ocd_hf.losses import cross_entropy
 from ocd_hf.sampling import make_sampling_scheduler, sample_omega
 from ocd_hf.training import latest_checkpoint, train_head
 
-from conftest import TINY_HEAD, SmallCNN
-
 SHAPE = (6, 4)
 
 
 def cfg(shape=SHAPE, **kw):
-    return OCDConfig(layer="x", weight_shape=shape, input_dim=5, activation_dim=shape[0], output_dim=3, **{**TINY_HEAD, **kw})
+    return OCDConfig(
+        layer="x", weight_shape=shape, input_dim=5, activation_dim=shape[0], output_dim=3, **{**TINY_HEAD, **kw}
+    )
 
 
 def cond(b, shape=SHAPE, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return Conditioning(torch.randn(b, 5, generator=g), torch.randn(b, shape[0], generator=g), torch.randn(b, 3, generator=g))
+    return Conditioning(
+        torch.randn(b, 5, generator=g), torch.randn(b, shape[0], generator=g), torch.randn(b, 3, generator=g)
+    )
 
 
 class EncoderSpy:
@@ -39,7 +42,8 @@ class EncoderSpy:
         self.calls: list[Conditioning] = []
         self._pending: list[torch.Tensor] = []
         self._handles = [
-            m.register_forward_pre_hook(self._hook) for m in (denoiser.enc_input, denoiser.enc_activation, denoiser.enc_output)
+            m.register_forward_pre_hook(self._hook)
+            for m in (denoiser.enc_input, denoiser.enc_activation, denoiser.enc_output)
         ]
 
     def _hook(self, module, args):
@@ -122,19 +126,34 @@ def store(tmp_path_factory):
     torch.manual_seed(0)
     model = SmallCNN()
     g = torch.Generator().manual_seed(1)
-    data = torch.utils.data.TensorDataset(torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 5, (40,), generator=g))
+    data = torch.utils.data.TensorDataset(
+        torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 5, (40,), generator=g)
+    )
     a = ModelAdapter(model)
     return collect_deltas(
-        model, "fc2", data, cross_entropy, tmp_path_factory.mktemp("c"),
-        split_batch=a.split_batch, forward_fn=a.forward, batch_size=20, progress=False,
+        model,
+        "fc2",
+        data,
+        cross_entropy,
+        tmp_path_factory.mktemp("c"),
+        split_batch=a.split_batch,
+        forward_fn=a.forward,
+        batch_size=20,
+        progress=False,
     )
 
 
 def head_config(store, steps, **kw):
     s = store[0]
-    return OCDConfig(layer="fc2", weight_shape=store.weight_shape, input_dim=s["layer_input"].numel(),
-                     activation_dim=s["layer_output"].numel(), output_dim=s["model_output"].numel(),
-                     num_train_steps=steps, **{**TINY_HEAD, **kw})
+    return OCDConfig(
+        layer="fc2",
+        weight_shape=store.weight_shape,
+        input_dim=s["layer_input"].numel(),
+        activation_dim=s["layer_output"].numel(),
+        output_dim=s["model_output"].numel(),
+        num_train_steps=steps,
+        **{**TINY_HEAD, **kw},
+    )
 
 
 def trained(store, config, **kw):
@@ -241,7 +260,9 @@ def test_guidance_scale_one_is_the_plain_single_pass(kind):
     h = d.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning at w == 1, even though cond_dropout is 0
-        out = sample_omega(d, c, make_sampling_scheduler(config), 10, 2, torch.Generator().manual_seed(5), guidance_scale=1.0)
+        out = sample_omega(
+            d, c, make_sampling_scheduler(config), 10, 2, torch.Generator().manual_seed(5), guidance_scale=1.0
+        )
         default = sample_omega(d, c, make_sampling_scheduler(config), 10, 2, torch.Generator().manual_seed(5))
     h.remove()
     assert calls == [6] * 20  # one un-doubled pass per step
@@ -260,7 +281,9 @@ def test_guidance_equals_hand_combination(kind, w):
     h = d.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # trained with dropout: no warning
-        out = sample_omega(d, c, make_sampling_scheduler(config), 10, 2, torch.Generator().manual_seed(5), guidance_scale=w)
+        out = sample_omega(
+            d, c, make_sampling_scheduler(config), 10, 2, torch.Generator().manual_seed(5), guidance_scale=w
+        )
     h.remove()
     assert calls == [12] * 10  # cond and null in one doubled batch, once per step
     # by hand: the denoiser called twice per step; batch size changes float summation order only
@@ -297,7 +320,9 @@ def test_guidance_without_dropout_warns_once_but_runs():
     d = ConditionalUNet1D(config)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        out = sample_omega(d, cond(2), make_sampling_scheduler(config), 10, 1, torch.Generator().manual_seed(0), guidance_scale=2.0)
+        out = sample_omega(
+            d, cond(2), make_sampling_scheduler(config), 10, 1, torch.Generator().manual_seed(0), guidance_scale=2.0
+        )
     msgs = [str(r.message) for r in rec if issubclass(r.category, UserWarning)]
     assert len(msgs) == 1 and "cond_dropout=0" in msgs[0]  # once per call, not once per step
     expected = manual_ddim(d, cond(2), config, 1, 0, guidance_scale=2.0)
@@ -309,8 +334,12 @@ def test_wrapper_uses_guidance_scale_and_round_trips(tmp_path):
     torch.manual_seed(0)
     model = SmallCNN().eval()
     g = torch.Generator().manual_seed(1)
-    data = torch.utils.data.TensorDataset(torch.randn(24, 1, 8, 8, generator=g), torch.randint(0, 5, (24,), generator=g))
-    ocd = OCDWrapper.from_pretrained(model, layer="fc2", num_train_steps=3, cond_dropout=0.25, guidance_scale=2.5, **TINY_HEAD)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(24, 1, 8, 8, generator=g), torch.randint(0, 5, (24,), generator=g)
+    )
+    ocd = OCDWrapper.from_pretrained(
+        model, layer="fc2", num_train_steps=3, cond_dropout=0.25, guidance_scale=2.5, **TINY_HEAD
+    )
     ocd.fit(data, loss="cross_entropy", batch_size=12, progress=False)
     x = data.tensors[0][:5]
     cond_, _ = ocd.conditioning(x)
@@ -331,8 +360,15 @@ def test_wrapper_uses_guidance_scale_and_round_trips(tmp_path):
     # the wrapper's deltas are the guided DDIM samples times the scale net's ρ̂
     head = ocd.head
     normed = head.normalize(cond_)
-    omega = sample_omega(head.denoiser, normed, make_sampling_scheduler(ocd.config), ocd.config.num_inference_steps, 2,
-                         torch.Generator().manual_seed(0), guidance_scale=2.5)
+    omega = sample_omega(
+        head.denoiser,
+        normed,
+        make_sampling_scheduler(ocd.config),
+        ocd.config.num_inference_steps,
+        2,
+        torch.Generator().manual_seed(0),
+        guidance_scale=2.5,
+    )
     rho = head.scale_net(normed) * ocd.config.delta_scale
     torch.testing.assert_close(guided, (omega * rho.view(1, -1, 1, 1)).to(guided.dtype), atol=0, rtol=0)
     assert (guided - deltas(ocd, 1.0)).abs().max() > 0  # guidance_scale reaches the sampler

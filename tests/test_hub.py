@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 import torch
+from hub_server import FakeHub
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -30,8 +31,6 @@ from ocd_hf.demo import LeNetDigits, load_digits_split, train_base
 from ocd_hf.evaluation import evaluate
 from ocd_hf.wrapper import layer_fingerprint
 
-from hub_server import FakeHub
-
 SHA = "0123456789abcdef0123456789abcdef01234567"
 REPO = "user/ocd-digits"
 
@@ -45,8 +44,13 @@ def trained(tmp_path_factory):
     train, test = load_digits_split(0)
     model = train_base(LeNetDigits(), train, epochs=2)
     ocd = OCDWrapper.from_pretrained(
-        model, layer="fc2", num_train_steps=20, block_out_channels=(16, 16, 32),
-        cond_hidden_dim=32, scale_hidden_dim=32, norm_num_groups=8,
+        model,
+        layer="fc2",
+        num_train_steps=20,
+        block_out_channels=(16, 16, 32),
+        cond_hidden_dim=32,
+        scale_hidden_dim=32,
+        norm_num_groups=8,
     )
     ocd.fit(Subset(train, range(128)), loss="cross_entropy", progress=False)
     folder = Path(ocd.save_pretrained(tmp_path_factory.mktemp("saved") / "ocd-digits"))
@@ -95,7 +99,9 @@ def test_model_card_with_evaluation_and_hub_base_model(trained, tmp_path):
     assert "## Evaluation" in card.text and "| OCD x2 |" in card.text
     assert card.data.metrics == ["cross_entropy", "accuracy", "ece"]
 
-    cfg = trained.ocd.config.replace(base_model="sentence-transformers/all-MiniLM-L6-v2", base_model_library="transformers")
+    cfg = trained.ocd.config.replace(
+        base_model="sentence-transformers/all-MiniLM-L6-v2", base_model_library="transformers"
+    )
     card = ocd_hub.build_model_card(cfg, repo_id="user/ocd-minilm")
     assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
     assert 'OCDWrapper.from_pretrained(model, "user/ocd-minilm")' in card.text
@@ -110,7 +116,9 @@ def test_local_round_trip_is_exact(trained, tmp_path):
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     stored = OCDConfig.from_dict(json.loads((trained.folder / CONFIG_NAME).read_text()))
     assert loaded.config == stored
-    assert loaded.config.replace(library_version=None, denoiser_config=None, scheduler_config=None) == trained.ocd.config
+    assert (
+        loaded.config.replace(library_version=None, denoiser_config=None, scheduler_config=None) == trained.ocd.config
+    )
     assert not loaded.head.training
     assert loaded.config.loss == "cross_entropy" and loaded._loss_fn is not None
     # Loading does not consume the caller's random numbers.
@@ -259,7 +267,9 @@ def test_push_to_hub_then_load_in_fresh_process(trained, tmp_path):
         env["HF_HOME"] = str(tmp_path / "home-pull")
         revisions = [None, "exp", first_sha, "refs/pr/1"]
         got = tmp_path / "got.safetensors"
-        run_client(script, env, action="pull", base=str(base), inputs=str(inputs), repo=REPO, revisions=revisions, out=str(got))
+        run_client(
+            script, env, action="pull", base=str(base), inputs=str(inputs), repo=REPO, revisions=revisions, out=str(got)
+        )
         paths = [p for _, p in hub.requests]
         assert any(p.endswith(f"/resolve/main/{HEAD_NAME}") for p in paths)
         assert any(f"/resolve/refs%2Fpr%2F1/{CONFIG_NAME}" in p for p in paths)
@@ -282,7 +292,9 @@ def test_refuses_pickle_only_folder(trained, tmp_path):
     shutil.copy(trained.folder / CONFIG_NAME, folder)
     (folder / "ocd_head.bin").write_bytes(b"not opened")
     (folder / "extra.pt").write_bytes(b"not opened")
-    with pytest.raises(ValueError, match=r"only pickle-based weight files \['extra.pt', 'ocd_head.bin'\].*safetensors is required"):
+    with pytest.raises(
+        ValueError, match=r"only pickle-based weight files \['extra.pt', 'ocd_head.bin'\].*safetensors is required"
+    ):
         OCDWrapper.from_pretrained(trained.model, folder)
 
 

@@ -14,21 +14,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_HEAD
 from torch import nn
 
 from ocd_hf import OCDWrapper
 from ocd_hf.integrations import get_adapter
 from ocd_hf.integrations.base import detect_family
 
-from conftest import TINY_HEAD
-
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIT = dict(num_train_steps=5, **TINY_HEAD)
 TEXTS = [
-    "great dress, fits perfectly", "terrible fabric, sent it back", "it is fine I guess", "love the colour",
-    "awful, ripped on day one", "average quality for the price", "superb, buying another", "not for me",
-    "okay but runs small", "wonderful and soft", "cheap looking", "nothing special",
+    "great dress, fits perfectly",
+    "terrible fabric, sent it back",
+    "it is fine I guess",
+    "love the colour",
+    "awful, ripped on day one",
+    "average quality for the price",
+    "superb, buying another",
+    "not for me",
+    "okay but runs small",
+    "wonderful and soft",
+    "cheap looking",
+    "nothing special",
 ]
 RATINGS = [5, 1, 3, 5, 1, 3, 5, 1, 3, 5, 1, 3]
 
@@ -44,8 +52,16 @@ def bert():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
-                     max_position_embeddings=32, num_labels=3, pad_token_id=0)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=40,
+        max_position_embeddings=32,
+        num_labels=3,
+        pad_token_id=0,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -56,7 +72,9 @@ def text_dataset():
 
     g = np.random.default_rng(0)
     ids = [[2] + g.integers(3, 50, size=int(n)).tolist() for n in g.integers(3, 12, size=12)]
-    return Dataset.from_dict({"text": [f"row {i}" for i in range(12)], "input_ids": ids, "label": (np.arange(12) % 3).tolist()})
+    return Dataset.from_dict(
+        {"text": [f"row {i}" for i in range(12)], "input_ids": ids, "label": (np.arange(12) % 3).tolist()}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +82,16 @@ def vit():
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
-    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                    intermediate_size=20, num_labels=4)
+    cfg = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=20,
+        num_labels=4,
+    )
     return ViTForImageClassification(cfg).eval()
 
 
@@ -129,7 +155,9 @@ def test_plain_torch_imports_no_optional_library():
         "import sys, torch; from ocd_hf.integrations import get_adapter; get_adapter(torch.nn.Linear(2, 2)); "
         "print(sorted(m for m in ('timm', 'setfit', 'sentence_transformers') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -193,7 +221,14 @@ def test_transformers_tokenizer_collate_and_regression_default():
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     rows = [{"text": t, "label": float(r), **tok(t)} for t, r in zip(TEXTS[:4], RATINGS[:4])]
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, num_labels=1)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=20,
+        num_labels=1,
+    )
     model = BertForSequenceClassification(cfg).eval()
     adapter = TransformersAdapter(model, tokenizer=tok)
     assert adapter.default_loss == "mse"
@@ -268,7 +303,11 @@ def test_setfit_lr_head_matches_predict_proba_and_labels(setfit_lr):
     # every batch form gives class indices
     want = torch.tensor([2, 0, 1, 2])
     rows = [{"text": t, "label": r} for t, r in zip(TEXTS[:4], RATINGS[:4])]
-    for batch in ({"text": TEXTS[:4], "label": torch.tensor(RATINGS[:4])}, (TEXTS[:4], RATINGS[:4]), adapter.collate_fn()(rows)):
+    for batch in (
+        {"text": TEXTS[:4], "label": torch.tensor(RATINGS[:4])},
+        (TEXTS[:4], RATINGS[:4]),
+        adapter.collate_fn()(rows),
+    ):
         assert torch.equal(adapter.split_batch(batch)[1], want)
     with pytest.raises(ValueError, match="not one of the SetFit head's classes"):
         adapter.split_batch((TEXTS[:1], [2]))
@@ -303,7 +342,9 @@ class Rows(torch.utils.data.Dataset):
 
 
 def test_fit_generate_transformers_auto_layer(bert, text_dataset):
-    ocd = OCDWrapper.from_pretrained(bert, layer="auto", selection_kwargs={"num_perturbations": 8, "max_samples": 6}, **FIT)
+    ocd = OCDWrapper.from_pretrained(
+        bert, layer="auto", selection_kwargs={"num_perturbations": 8, "max_samples": 6}, **FIT
+    )
     ocd.fit(Rows(text_dataset), batch_size=6, progress=False)  # loss from the integration
     c = ocd.config
     assert c.layer in ocd.adapter.candidate_layers() and c.loss == "cross_entropy"
@@ -343,7 +384,9 @@ def test_fit_predict_setfit_lr(setfit_lr, tmp_path):
 
 def test_fit_predict_setfit_differentiable_head(setfit_diff):
     data = [(t, r // 2) for t, r in zip(TEXTS, RATINGS)]  # (text, label) pairs; labels 0..2
-    ocd = OCDWrapper.from_pretrained(setfit_diff, layer="model_head.linear", **FIT).fit(data, batch_size=6, progress=False)
+    ocd = OCDWrapper.from_pretrained(setfit_diff, layer="model_head.linear", **FIT).fit(
+        data, batch_size=6, progress=False
+    )
     preds = ocd.predict(TEXTS[:3])
     assert isinstance(preds, list) and set(preds) <= {"neg", "mid", "pos"}
 
@@ -355,9 +398,23 @@ def test_accelerate_launch_setfit_example(tmp_path):
         pytest.skip(f"offline data not found at {DATA}")
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [
-        str(accelerate), "launch", "--num_processes", "1", "--cpu", str(ROOT / "examples" / "setfit_ocd.py"),
-        "--model", minilm_path(), "--data", str(csv), "--text-column", "text", "--label-column", "rating",
-        "--quick", "--output-dir", str(tmp_path),
+        str(accelerate),
+        "launch",
+        "--num_processes",
+        "1",
+        "--cpu",
+        str(ROOT / "examples" / "setfit_ocd.py"),
+        "--model",
+        minilm_path(),
+        "--data",
+        str(csv),
+        "--text-column",
+        "text",
+        "--label-column",
+        "rating",
+        "--quick",
+        "--output-dir",
+        str(tmp_path),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)

@@ -11,7 +11,9 @@ def test_vectorized_equals_sequential_deepcopy(small_cnn, layer_name, optimizer,
     small_cnn.train()  # BatchNorm/Dropout present: overfitting must run in eval mode, then restore
     x = torch.randn(12, 1, 8, 8)
     y = torch.randint(0, 5, (12,))
-    res = overfit_batch(small_cnn, small_cnn.get_submodule(layer_name), x, y, cross_entropy, steps=steps, lr=lr, optimizer=optimizer)
+    res = overfit_batch(
+        small_cnn, small_cnn.get_submodule(layer_name), x, y, cross_entropy, steps=steps, lr=lr, optimizer=optimizer
+    )
     ref = overfit_sequential(small_cnn, layer_name, x, y, cross_entropy, steps=steps, lr=lr, optimizer=optimizer)
     assert small_cnn.training
     assert res.delta.shape == (12, *small_cnn.get_submodule(layer_name).weight.shape)

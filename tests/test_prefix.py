@@ -1,14 +1,13 @@
 """Prefix reuse: later passes skip the layers before the target and give the same outputs."""
 
 import torch
+from conftest import TINY_HEAD
 from torch import nn
 
 from ocd_hf import OCDWrapper
 from ocd_hf.losses import cross_entropy
 from ocd_hf.overfit import overfit_batch
 from ocd_hf.prefix import reuse_prefix
-
-from conftest import TINY_HEAD
 
 
 class Counted(nn.Module):
@@ -87,7 +86,9 @@ def test_wrapper_forward_same_with_and_without_reuse():
     m = _model()
     g = torch.Generator().manual_seed(3)
     data = torch.utils.data.TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
-    ocd = OCDWrapper.from_pretrained(m, layer="target", num_train_steps=3, **TINY_HEAD).fit(data, "cross_entropy", progress=False)
+    ocd = OCDWrapper.from_pretrained(m, layer="target", num_train_steps=3, **TINY_HEAD).fit(
+        data, "cross_entropy", progress=False
+    )
     x = data.tensors[0][:9]
     m.pre.runs = 0
     on = ocd(x, num_samples=3, generator=torch.Generator().manual_seed(0))
@@ -123,7 +124,9 @@ def test_selection_losses_same_with_and_without_reuse():
     for reuse in (True, False):
         m.pre.runs = 0
         # 7 perturbations in chunks of 3: two full chunks share the prefix, the last one runs alone
-        losses = perturbed_losses(adapter, m.target, x, y, cross_entropy, 7, 0.1, torch.Generator().manual_seed(0), chunk_size=3, reuse=reuse)
+        losses = perturbed_losses(
+            adapter, m.target, x, y, cross_entropy, 7, 0.1, torch.Generator().manual_seed(0), chunk_size=3, reuse=reuse
+        )
         runs.append((losses, m.pre.runs))
     torch.testing.assert_close(runs[0][0], runs[1][0], atol=0, rtol=0)
     assert runs[0][1] == 2 and runs[1][1] == 3

@@ -218,8 +218,11 @@ def test_transformers_conv1d_and_dict_batches():
     ids = torch.randint(0, 50, (4, 6))
 
     def next_token_loss(logits, labels):
-        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none").view(
-            labels.shape[0], -1).mean(1)
+        return (
+            nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
+            .view(labels.shape[0], -1)
+            .mean(1)
+        )
 
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     report = select_layer(model, batch, loss=next_token_loss, num_perturbations=16, layer=None)
@@ -232,8 +235,14 @@ def test_transformers_conv1d_and_dict_batches():
 def test_bert_pooler_without_gradient_path_is_never_a_candidate():
     # As in all-MiniLM-L6-v2: the output is the token states, so pooler.dense never reaches the loss.
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=16, max_position_embeddings=16)
+    cfg = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+    )
     torch.manual_seed(0)
     model = transformers.BertModel(cfg).eval()
     ids = torch.randint(0, 30, (3, 5))
@@ -284,9 +293,16 @@ def test_wrapper_auto_with_selection_data_stores_the_resolved_name(toy):
 
 
 def test_wrapper_auto_list_restricts_and_auto_without_data_defers_to_collect(toy, tmp_path):
-    ocd = OCDWrapper.from_pretrained(toy, layer=["small", "zeroed"], selection_data=toy_batch(), loss="mse",
-                                     selection_kwargs={"num_perturbations": 32})
-    assert ocd.config.layer == "small" and ocd.selection_report.dropped == {"zeroed": "zero gradient on the selection batch"}
+    ocd = OCDWrapper.from_pretrained(
+        toy,
+        layer=["small", "zeroed"],
+        selection_data=toy_batch(),
+        loss="mse",
+        selection_kwargs={"num_perturbations": 32},
+    )
+    assert ocd.config.layer == "small" and ocd.selection_report.dropped == {
+        "zeroed": "zero gradient on the selection batch"
+    }
 
     deferred = OCDWrapper.from_pretrained(toy, layer="auto", selection_kwargs={"num_perturbations": 32})
     assert deferred.layer is None and deferred.config.layer == "auto" and deferred.selection_report is None

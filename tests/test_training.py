@@ -1,4 +1,5 @@
 import torch
+from conftest import TINY_HEAD
 
 from ocd_hf import OCDConfig
 from ocd_hf.collection import collect_deltas
@@ -7,19 +8,33 @@ from ocd_hf.integrations import ModelAdapter
 from ocd_hf.losses import cross_entropy
 from ocd_hf.training import latest_checkpoint, train_head
 
-from conftest import TINY_HEAD
-
 
 def make_store(model, data, path):
     a = ModelAdapter(model)
-    return collect_deltas(model, "fc2", data, cross_entropy, path, split_batch=a.split_batch, forward_fn=a.forward, batch_size=20, progress=False)
+    return collect_deltas(
+        model,
+        "fc2",
+        data,
+        cross_entropy,
+        path,
+        split_batch=a.split_batch,
+        forward_fn=a.forward,
+        batch_size=20,
+        progress=False,
+    )
 
 
 def head_config(store, steps):  # noqa: D103
     s = store[0]
-    return OCDConfig(layer="fc2", weight_shape=store.weight_shape, input_dim=s["layer_input"].numel(),
-                     activation_dim=s["layer_output"].numel(), output_dim=s["model_output"].numel(),
-                     num_train_steps=steps, **TINY_HEAD)
+    return OCDConfig(
+        layer="fc2",
+        weight_shape=store.weight_shape,
+        input_dim=s["layer_input"].numel(),
+        activation_dim=s["layer_output"].numel(),
+        output_dim=s["model_output"].numel(),
+        num_train_steps=steps,
+        **TINY_HEAD,
+    )
 
 
 def test_resume_from_checkpoint_is_exact(small_cnn, image_data, tmp_path):

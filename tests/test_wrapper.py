@@ -1,10 +1,9 @@
 import pytest
 import torch
+from conftest import TINY_HEAD
 from torch.utils.data import TensorDataset
 
 from ocd_hf import OCDWrapper
-
-from conftest import TINY_HEAD
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +42,14 @@ def test_forward_per_sample_and_ensembles(fitted):
     # the generated deltas are what the output used
     cond, _ = ocd.conditioning(x)
     d = ocd.generate_deltas(cond, 1, torch.Generator().manual_seed(0))[0]
-    manual = torch.stack([
-        torch.nn.functional.linear(x[i : i + 1], None, None) if False else _manual_forward(model, x[i : i + 1], d[i]) for i in range(6)
-    ]).squeeze(1)
+    manual = torch.stack(
+        [
+            torch.nn.functional.linear(x[i : i + 1], None, None)
+            if False
+            else _manual_forward(model, x[i : i + 1], d[i])
+            for i in range(6)
+        ]
+    ).squeeze(1)
     torch.testing.assert_close(out, manual, atol=1e-5, rtol=1e-5)
     logp = ocd(x, num_samples=4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logp.exp().sum(-1), torch.ones(6), atol=1e-5, rtol=0)

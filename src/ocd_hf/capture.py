@@ -9,8 +9,9 @@ feature dimension is the channel dimension (dim 1) and the spatial dimensions ar
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn

@@ -12,8 +12,9 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ def collect_deltas(
     progress: bool = True,
     process_index: int = 0,
     num_processes: int = 1,
-) -> "DeltaStore | None":
+) -> DeltaStore | None:
     """Overfit `layer_name` on every sample of `dataset` and write Δ_s, ρ_s and I(x) to `output_dir`.
 
     With several processes (accelerate), process i writes shards k with k % num_processes == i and
@@ -88,12 +89,16 @@ def collect_deltas(
     bar.update(sum(map(shard_len, mine)) - sum(map(shard_len, todo)))
     for k in todo:
         start, stop = k * shard_size, min((k + 1) * shard_size, n)
-        loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        loader = DataLoader(
+            Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
+        )
         parts: dict[str, list[torch.Tensor]] = {key: [] for key in KEYS + (("energy",) if target == "factored" else ())}
         pos = start
         for batch in loader:
             inputs, targets = split_batch(to_device(batch))
-            r = overfit_batch(model, layer, inputs, targets, loss_fn, forward_fn, steps, lr, optimizer, include_bias, target)
+            r = overfit_batch(
+                model, layer, inputs, targets, loss_fn, forward_fn, steps, lr, optimizer, include_bias, target
+            )
             b = r.delta.shape[0]
             for key in parts:
                 if key != "index":
@@ -126,7 +131,9 @@ class DeltaStore(Dataset):
             if manifests and {k: v for k, v in manifest.items() if k != "num_samples"} != {
                 k: v for k, v in manifests[0].items() if k != "num_samples"
             }:
-                raise ValueError(f"Collections {paths[0]} and {folder} were made with different settings; they cannot be read as one.")
+                raise ValueError(
+                    f"Collections {paths[0]} and {folder} were made with different settings; they cannot be read as one."
+                )
             manifests.append(manifest)
             maps += shard_maps
         self.manifest = {**manifests[0], "num_samples": sum(m["num_samples"] for m in manifests)}
@@ -147,7 +154,11 @@ class DeltaStore(Dataset):
     @property
     def target_shape(self) -> tuple[int, ...]:
         """Shape of one stored target: the weight's, or (out, 1) for a factored collection."""
-        return tuple(self.manifest["weight_shape"]) if self.target == "full" else (int(self._arrays["delta"][0].shape[1]), 1)
+        return (
+            tuple(self.manifest["weight_shape"])
+            if self.target == "full"
+            else (int(self._arrays["delta"][0].shape[1]), 1)
+        )
 
     def get_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """Gather samples by global index (one fancy-indexed read per shard)."""

@@ -113,20 +113,18 @@ class OCDConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "OCDConfig":
+    def from_dict(cls, d: dict[str, Any]) -> OCDConfig:
         """Build from a dict; keys this version does not know are dropped with a warning."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            warnings.warn(
-                f"OCDConfig: ignoring unknown keys {unknown} (written by a newer ocd_hf?)", stacklevel=2
-            )
+            warnings.warn(f"OCDConfig: ignoring unknown keys {unknown} (written by a newer ocd_hf?)", stacklevel=2)
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def replace(self, **changes: Any) -> "OCDConfig":
+    def replace(self, **changes: Any) -> OCDConfig:
         return dataclasses.replace(self, **changes)
 
 

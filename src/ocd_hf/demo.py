@@ -27,8 +27,12 @@ class LeNetDigits(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 6, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.fc1 = nn.Linear(64, 120)
         self.fc2 = nn.Linear(120, 84)
@@ -81,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     x, y = full_train.tensors
     train, val = TensorDataset(x[:-200], y[:-200]), TensorDataset(x[-200:], y[-200:])
     model = train_base(LeNetDigits(), train, seed=args.seed)
-    print(f"digits: {len(train)} train / {len(val)} validation / {len(test)} test; base model trained in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"digits: {len(train)} train / {len(val)} validation / {len(test)} test; base model trained in {time.perf_counter() - t0:.1f}s"
+    )
 
     kwargs = {"seed": args.seed, "num_train_steps": args.steps}
     if args.prediction_type:
@@ -93,9 +99,20 @@ def main(argv: list[str] | None = None) -> None:
         store = ocd.collect(train, loss="cross_entropy", collect_dir=deltas)
         ocd.train_head(store)
         calibration = ocd.calibrate(val)
-        print(f"collected deltas, trained the head and calibrated in {time.perf_counter() - t1:.1f}s; "
-              f"delta_scale {calibration['delta_scale']} (validation gain over base {calibration['gain_vs_base']:.4f} ± {calibration['gain_se']:.4f} SE)")
-        report = evaluate(ocd, test, num_samples=5, seed=args.seed, validation=val, train=train, collection=store, oracle_all_layers=True)
+        print(
+            f"collected deltas, trained the head and calibrated in {time.perf_counter() - t1:.1f}s; "
+            f"delta_scale {calibration['delta_scale']} (validation gain over base {calibration['gain_vs_base']:.4f} ± {calibration['gain_se']:.4f} SE)"
+        )
+        report = evaluate(
+            ocd,
+            test,
+            num_samples=5,
+            seed=args.seed,
+            validation=val,
+            train=train,
+            collection=store,
+            oracle_all_layers=True,
+        )
     print()
     print(f"Held-out digits ({len(test)} samples), layer {args.layer}, seed {args.seed}:")
     print(report.to_markdown())

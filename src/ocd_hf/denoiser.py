@@ -61,7 +61,9 @@ class ConditionalUNet1D(nn.Module):
     def __init__(self, config: OCDConfig):
         super().__init__()
         if config.target_shape is None or config.input_dim is None:
-            raise ValueError("OCDConfig.target_shape and the conditioning dims must be set before building the denoiser.")
+            raise ValueError(
+                "OCDConfig.target_shape and the conditioning dims must be set before building the denoiser."
+            )
         # the generated tensor: the weight's shape, or (out, 1) for target="factored"
         self.weight_shape = tuple(config.target_shape)
         rows, cols = matrix_shape(self.weight_shape)
@@ -116,7 +118,11 @@ class ConditionalUNet1D(nn.Module):
 
     def forward(self, omega_t: torch.Tensor, timesteps: torch.Tensor | int, cond: Conditioning) -> torch.Tensor:
         """omega_t [B, *weight_shape], timesteps [B] or scalar, cond normalised I(x) -> prediction [B, *weight_shape]."""
-        self._cond = self.enc_input(cond.layer_input) + self.enc_activation(cond.layer_output) + self.enc_output(cond.model_output)
+        self._cond = (
+            self.enc_input(cond.layer_input)
+            + self.enc_activation(cond.layer_output)
+            + self.enc_output(cond.model_output)
+        )
         try:
             out = self.unet(self.to_sequence(omega_t), timesteps).sample
         finally:

@@ -53,7 +53,9 @@ class EvaluationReport:
                 lines.append(f"- {name}: {v:.3f}")
         if self.health:
             lines.append("")
-            lines.append(f"Sampled Ω_0 std {self.health['omega_std']:.3f} vs training targets {self.health['target_std']:.3f}")
+            lines.append(
+                f"Sampled Ω_0 std {self.health['omega_std']:.3f} vs training targets {self.health['target_std']:.3f}"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,7 +92,11 @@ class _Meter:
         if self.task != "classification":
             return {"rmse": math.sqrt(loss)}
         conf, hit = torch.cat(self.conf), torch.cat(self.hit)
-        return {"cross_entropy": loss, "accuracy": float(hit.mean()), "ece": expected_calibration_error(conf, hit, self.bins)}
+        return {
+            "cross_entropy": loss,
+            "accuracy": float(hit.mean()),
+            "ece": expected_calibration_error(conf, hit, self.bins),
+        }
 
 
 def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
@@ -215,6 +221,7 @@ def evaluate(
         mean_scale = float(collection.column("scale").mean())
     cos: dict[str, list[torch.Tensor]] = {}
     omega_std = []
+
     def layer_rows(inputs: Any, targets: torch.Tensor) -> None:
         """One batch's rows that change only ocd.layer: base, oracle on the layer, OCD and its ablations."""
         cond, base_out = ocd.conditioning(inputs)
@@ -224,8 +231,17 @@ def evaluate(
         if knn is not None:
             meter("kNN in i_L space").add(knn(cond.layer_input), targets)
         oracle = overfit_batch(
-            ocd.module, ocd.layer, inputs, targets, ocd._loss_fn, adapter.forward,
-            c.overfit_steps, c.overfit_lr, c.overfit_optimizer, False, c.target,
+            ocd.module,
+            ocd.layer,
+            inputs,
+            targets,
+            ocd._loss_fn,
+            adapter.forward,
+            c.overfit_steps,
+            c.overfit_lr,
+            c.overfit_optimizer,
+            False,
+            c.target,
         ).delta
         meter("oracle, this layer (test label)").add(ocd.forward_with_deltas(inputs, oracle), targets)
         # raw deltas, so that the uncalibrated row exists even at delta_scale 0
@@ -243,7 +259,9 @@ def evaluate(
         if collection is not None:
             q = (cond.layer_input.float().cpu() - nn_mean) / nn_std
             nearest = torch.cdist(q, nn_keys).argmin(1)
-            nn_delta = collection.get_batch(nearest.numpy())["delta"].to(oracle.device, oracle.dtype).reshape(oracle.shape)
+            nn_delta = (
+                collection.get_batch(nearest.numpy())["delta"].to(oracle.device, oracle.dtype).reshape(oracle.shape)
+            )
             meter("nearest-neighbour delta").add(ocd.forward_with_deltas(inputs, nn_delta), targets)
             cos.setdefault("nearest-neighbour delta", []).append(_cosine(nn_delta, oracle))
             rho = ocd.head.scale_net(ocd.head.normalize(cond)).view(-1, *([1] * (raw.dim() - 1)))
@@ -261,7 +279,16 @@ def evaluate(
         with reuse_prefix(ocd.module, ocd.layer, ocd.reuse_prefix):
             layer_rows(inputs, targets)
         if oracle_all_layers:
-            out_all = overfit_all_layers(ocd.module, inputs, targets, ocd._loss_fn, adapter.forward, c.overfit_steps, c.overfit_lr, c.overfit_optimizer)
+            out_all = overfit_all_layers(
+                ocd.module,
+                inputs,
+                targets,
+                ocd._loss_fn,
+                adapter.forward,
+                c.overfit_steps,
+                c.overfit_lr,
+                c.overfit_optimizer,
+            )
             meter("oracle, all layers (test label)").add(out_all, targets)
         if alternative is not None:
             alt_cond, _ = alternative.conditioning(inputs)
@@ -279,4 +306,3 @@ def evaluate(
         health=health,
         extra=extra,
     )
-

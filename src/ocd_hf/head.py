@@ -23,7 +23,11 @@ class OCDHead(nn.Module):
         self.config = config
         self.denoiser = ConditionalUNet1D(config)
         self.scale_net = ScaleNet(config)
-        dims = {"layer_input": config.input_dim, "layer_output": config.activation_dim, "model_output": config.output_dim}
+        dims = {
+            "layer_input": config.input_dim,
+            "layer_output": config.activation_dim,
+            "model_output": config.output_dim,
+        }
         for key, d in dims.items():
             self.register_buffer(f"{key}_mean", torch.zeros(d))
             self.register_buffer(f"{key}_std", torch.ones(d))
@@ -38,7 +42,9 @@ class OCDHead(nn.Module):
         """
         return Conditioning(
             *(
-                ((getattr(cond, k).float() - getattr(self, f"{k}_mean")) / getattr(self, f"{k}_std")).clamp(-NORM_CLIP, NORM_CLIP)
+                ((getattr(cond, k).float() - getattr(self, f"{k}_mean")) / getattr(self, f"{k}_std")).clamp(
+                    -NORM_CLIP, NORM_CLIP
+                )
                 for k in _COND_KEYS
             )
         )

@@ -17,8 +17,9 @@ import shutil
 import tempfile
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
@@ -161,7 +162,9 @@ def build_model_card(
 ) -> ModelCard:
     """Model card: metadata for the Hub, what the head does, its settings, results and how to load it."""
     metrics = list(next(iter(evaluation.rows.values()))) if evaluation is not None and evaluation.rows else None
-    data = ModelCardData(library_name=LIBRARY_NAME, base_model=_hub_model_id(config), tags=list(CARD_TAGS), metrics=metrics)
+    data = ModelCardData(
+        library_name=LIBRARY_NAME, base_model=_hub_model_id(config), tags=list(CARD_TAGS), metrics=metrics
+    )
     base = config.base_model or "the base model"
     shape = "×".join(str(s) for s in config.weight_shape or ())
     rows = [
@@ -171,7 +174,10 @@ def build_model_card(
         ("layer fingerprint (sha256)", f"`{config.layer_fingerprint}`"),
         ("task / loss", f"{config.task or 'unknown'} / {config.loss or 'unknown'}"),
         ("overfitting", f"{config.overfit_steps} {config.overfit_optimizer} steps, lr {config.overfit_lr}"),
-        ("denoiser", f"UNet1DModel {list(config.block_out_channels)}, predicts {config.prediction_type}, layout {config.layout}"),
+        (
+            "denoiser",
+            f"UNet1DModel {list(config.block_out_channels)}, predicts {config.prediction_type}, layout {config.layout}",
+        ),
         ("sampling", f"DDIM, {config.num_inference_steps} of {config.num_train_timesteps} steps"),
         ("training", f"{config.num_train_steps} steps, batch {config.train_batch_size}, lr {config.learning_rate}"),
         ("ocd_hf version", config.library_version or "unknown"),
@@ -272,8 +278,13 @@ def load_head(
     (same shape only). `num_inference_steps` overrides the stored number of DDIM steps.
     """
     config_path, head_path, where = resolve_head_files(
-        pretrained_head, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
-        force_download=force_download, local_files_only=local_files_only,
+        pretrained_head,
+        revision=revision,
+        subfolder=subfolder,
+        token=token,
+        cache_dir=cache_dir,
+        force_download=force_download,
+        local_files_only=local_files_only,
     )
     config = read_config(config_path)
     if num_inference_steps is not None:
@@ -310,15 +321,23 @@ def resolve_head_files(
             _refuse_pickles(files, str(folder))
             raise FileNotFoundError(f"{folder} has no {HEAD_NAME}; it is not a saved OCD head (files: {files[:10]}).")
         if CONFIG_NAME not in files:
-            raise FileNotFoundError(f"{folder} has {HEAD_NAME} but no {CONFIG_NAME}; the head cannot be rebuilt without it.")
+            raise FileNotFoundError(
+                f"{folder} has {HEAD_NAME} but no {CONFIG_NAME}; the head cannot be rebuilt without it."
+            )
         return folder / CONFIG_NAME, folder / HEAD_NAME, str(folder)
 
     from . import __version__
 
     where = source + (f"@{revision}" if revision else "") + (f" (subfolder {subfolder})" if subfolder else "")
     kwargs = dict(
-        revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir, force_download=force_download,
-        local_files_only=local_files_only, library_name=LIBRARY_NAME, library_version=__version__,
+        revision=revision,
+        subfolder=subfolder,
+        token=token,
+        cache_dir=cache_dir,
+        force_download=force_download,
+        local_files_only=local_files_only,
+        library_name=LIBRARY_NAME,
+        library_version=__version__,
     )
 
     def fetch(filename: str, known: list[str]) -> str:
@@ -331,7 +350,11 @@ def resolve_head_files(
             _refuse_pickles(known + ([] if offline else _hub_listing(source, revision, subfolder, token)), where)
             raise FileNotFoundError(
                 f"{filename} of {where} is not in the Hub cache ({cache_dir or hf_constants.HF_HUB_CACHE}) and "
-                + ("offline mode is on (HF_HUB_OFFLINE / local_files_only). " if offline else "the Hub could not be reached. ")
+                + (
+                    "offline mode is on (HF_HUB_OFFLINE / local_files_only). "
+                    if offline
+                    else "the Hub could not be reached. "
+                )
                 + "Download it once while online, or pass a local folder."
             ) from e
         except EntryNotFoundError:
@@ -352,7 +375,7 @@ def _hub_listing(repo_id: str, revision: str | None, subfolder: str | None, toke
     except Exception:  # offline, missing repo, no permission: the listing is only used to explain an error
         return []
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    return [f[len(prefix):] for f in files if f.startswith(prefix)]
+    return [f[len(prefix) :] for f in files if f.startswith(prefix)]
 
 
 def _refuse_pickles(files: list[str], where: str) -> None:
@@ -370,11 +393,15 @@ def read_config(path: str | os.PathLike) -> OCDConfig:
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise OSError(f"{path} is not valid JSON ({e}); the file is corrupted: re-download it (force_download=True).") from None
+        raise OSError(
+            f"{path} is not valid JSON ({e}); the file is corrupted: re-download it (force_download=True)."
+        ) from None
     if not isinstance(d, dict):
         raise OSError(f"{path} does not hold a JSON object; the file is corrupted.")
     config = OCDConfig.from_dict(d)
-    missing = [k for k in ("layer", "weight_shape", "input_dim", "activation_dim", "output_dim") if getattr(config, k) is None]
+    missing = [
+        k for k in ("layer", "weight_shape", "input_dim", "activation_dim", "output_dim") if getattr(config, k) is None
+    ]
     if missing:
         raise ValueError(f"{path} lacks {missing}: it was not written by a fitted OCDWrapper.")
     return config
@@ -436,7 +463,9 @@ def _load_strict(head: OCDHead, state: dict[str, torch.Tensor], where: str) -> N
             f"missing tensors {missing[:10]}{' …' if len(missing) > 10 else ''}, "
             f"unexpected tensors {extra[:10]}{' …' if len(extra) > 10 else ''}."
         )
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items() if v.shape != expected[k].shape]
+    wrong = [
+        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items() if v.shape != expected[k].shape
+    ]
     if wrong:
         raise ValueError(f"{HEAD_NAME} of {where} has tensors of the wrong shape (file vs config): {wrong[:5]}.")
     head.load_state_dict(state, strict=True)

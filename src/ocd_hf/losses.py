@@ -3,7 +3,7 @@ per-sample delta exactly its own sample's gradient."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -8,8 +8,9 @@ optimizer over Δ is exactly B independent per-sample optimizers.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,7 +84,9 @@ def overfit_batch(
     factored = target == "factored"
     direct = factored and optimizer == "sgd"
     if factored and not (isinstance(layer, nn.Linear) or is_hf_conv1d(layer)):
-        raise TypeError(f"target='factored' supports Linear and transformers Conv1D layers, not {type(layer).__name__}.")
+        raise TypeError(
+            f"target='factored' supports Linear and transformers Conv1D layers, not {type(layer).__name__}."
+        )
     weight = layer.weight
     with eval_mode(model):
         batch = _batch_size(inputs, targets)
@@ -92,11 +95,18 @@ def overfit_batch(
         delta_bias = None
         params = [delta]
         if include_bias and getattr(layer, "bias", None) is not None:
-            delta_bias = torch.zeros(batch, *layer.bias.shape, device=weight.device, dtype=weight.dtype, requires_grad=True)
+            delta_bias = torch.zeros(
+                batch, *layer.bias.shape, device=weight.device, dtype=weight.dtype, requires_grad=True
+            )
             params.append(delta_bias)
-        opt = make_optimizer(params, optimizer, lr, fused=weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+        opt = make_optimizer(
+            params, optimizer, lr, fused=weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        )
         # the layers before `layer` see the same inputs at every step: run them once (ocd_hf.prefix)
-        with reuse_prefix(model, layer, reuse), per_sample_weights(layer, delta, delta_bias, input_factor="auto" if direct else None):
+        with (
+            reuse_prefix(model, layer, reuse),
+            per_sample_weights(layer, delta, delta_bias, input_factor="auto" if direct else None),
+        ):
             for step in range(steps):
                 if step == 0:
                     # Δ = 0 here, so this forward is the unmodified pass: I(x) comes from it for free.
@@ -107,7 +117,9 @@ def overfit_batch(
                     out = forward_fn(model, inputs)
                 losses = loss_fn(out, targets)
                 if losses.dim() != 1 or losses.shape[0] != batch:
-                    raise ValueError(f"The loss must return one value per sample ([{batch}]); got {tuple(losses.shape)}.")
+                    raise ValueError(
+                        f"The loss must return one value per sample ([{batch}]); got {tuple(losses.shape)}."
+                    )
                 if step == 0:
                     loss_before = losses.detach()
                 opt.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ nn.Conv1d / nn.Conv2d (grouped convolution, groups = B·groups) and transformers
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,9 @@ def check_supported(module: nn.Module, name: str = "layer") -> None:
         )
 
 
-def delta_output(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, delta_bias: torch.Tensor | None = None) -> torch.Tensor:
+def delta_output(
+    module: nn.Module, x: torch.Tensor, delta: torch.Tensor, delta_bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """The change of `module(x)` when sample b's weight becomes W + delta[b] (and bias + delta_bias[b])."""
     if x.shape[0] != delta.shape[0]:
         raise ValueError(

@@ -17,7 +17,8 @@ cannot leak between passes. The block must run the *same inputs* through the *sa
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,7 +102,7 @@ def reuse_prefix(root: nn.Module, layer: nn.Module, enabled: bool = True) -> Ite
                 del cache.outputs[m]
         for m, out in cache.outputs.items():
             patched[m] = m.__dict__.get("forward", _MISSING)  # an instance-level forward, if the module had one
-            m.forward = (lambda o: (lambda *a, **k: _copy(o)))(out)  # noqa: E731 - bind this module's output
+            m.forward = (lambda o: lambda *a, **k: _copy(o))(out)  # noqa: E731 - bind this module's output
 
     def on_root_done(mod, args, out):
         if not cache.recorded and cache.layer_started:

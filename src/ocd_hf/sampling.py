@@ -34,7 +34,9 @@ def make_sampling_scheduler(config: OCDConfig) -> DDIMScheduler:
     )
 
 
-def training_target(scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def training_target(
+    scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise

@@ -33,9 +33,10 @@ import dataclasses
 import math
 import time
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,8 +45,8 @@ from torch.utils.data import DataLoader, Dataset
 from .integrations import ModelAdapter, get_adapter
 from .losses import LossFn, resolve_loss
 from .modes import eval_mode
-from .prefix import reuse_prefix
 from .per_sample import is_hf_conv1d, is_supported, per_sample_weights
+from .prefix import reuse_prefix
 
 AUTO = "auto"
 GRID_STEPS_PER_BANDWIDTH = 2
@@ -153,7 +154,9 @@ class SelectionReport:
         ax.set_xticks(range(len(rows)), [s.name for s in rows], rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("Σ entropy of loss KDE (nats)")
         ax.set_ylim(bottom, max(values) + 0.15 * span)
-        ax.set_title(title or f"Layer selection (K={self.num_perturbations:,}, σ={self.sigma}): {self.winner}", fontsize=9)
+        ax.set_title(
+            title or f"Layer selection (K={self.num_perturbations:,}, σ={self.sigma}): {self.winner}", fontsize=9
+        )
         path = Path(path)
         fig.savefig(path, dpi=120)
         return path
@@ -251,7 +254,9 @@ def prepare_batch(adapter: ModelAdapter, data: Any, max_samples: int | None) -> 
     except Exception as e:
         raise ValueError(f"The selection batch could not be split into inputs and targets: {e}") from e
     if not isinstance(targets, torch.Tensor) or targets.dim() == 0:
-        raise ValueError(f"The selection batch needs targets as a tensor with the batch first; got {type(targets).__name__}.")
+        raise ValueError(
+            f"The selection batch needs targets as a tensor with the batch first; got {type(targets).__name__}."
+        )
     b = targets.shape[0]
     if max_samples is not None and b > max_samples:
         inputs, targets = _map_batch((inputs, targets), b, lambda t: t[:max_samples])
@@ -279,7 +284,9 @@ def _per_sample_loss(adapter: ModelAdapter, inputs: Any, targets: torch.Tensor, 
             "Pass a batch the model accepts: (inputs, targets) or a dict with a 'labels' entry, and a matching loss."
         ) from e
     if losses.dim() != 1 or losses.shape[0] != targets.shape[0]:
-        raise ValueError(f"The loss must return one value per sample ([{targets.shape[0]}]); got {tuple(losses.shape)}.")
+        raise ValueError(
+            f"The loss must return one value per sample ([{targets.shape[0]}]); got {tuple(losses.shape)}."
+        )
     return losses
 
 
@@ -465,7 +472,9 @@ def select_layer(
     if loss is None:
         loss = adapter.default_loss
     if loss is None:
-        raise ValueError("Layer selection needs a loss: pass loss='cross_entropy', loss='mse' or a callable(output, target) -> [B].")
+        raise ValueError(
+            "Layer selection needs a loss: pass loss='cross_entropy', loss='mse' or a callable(output, target) -> [B]."
+        )
     loss_fn = resolve_loss(loss)
     loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
     t0 = time.perf_counter()
@@ -491,19 +500,36 @@ def select_layer(
                 wstd = float(w.float().pow(2).mean().sqrt()) or 1.0
             g = torch.Generator(device=w.device).manual_seed(_layer_seed(seed, name))
             losses = perturbed_losses(
-                adapter, m, inputs, targets, loss_fn, num_perturbations, sigma * wstd, g,
-                chunk_size, max_chunk_elements, max_chunk_rows,
+                adapter,
+                m,
+                inputs,
+                targets,
+                loss_fn,
+                num_perturbations,
+                sigma * wstd,
+                g,
+                chunk_size,
+                max_chunk_elements,
+                max_chunk_rows,
             )
             if not torch.isfinite(losses).all():
                 raise FloatingPointError(
                     f"Perturbing {name!r} with sigma={sigma} gave non-finite losses; lower sigma or check the batch."
                 )
             entropy = kde_entropy(losses)
-            scores.append(LayerScore(
-                name=name, kind=type(m).__name__, shape=tuple(w.shape), num_weights=w.numel(),
-                score=float(entropy.sum()), loss_std=float(losses.std(dim=1).mean()),
-                perturbation_std=sigma * wstd, seconds=time.perf_counter() - t1, order=order[name],
-            ))
+            scores.append(
+                LayerScore(
+                    name=name,
+                    kind=type(m).__name__,
+                    shape=tuple(w.shape),
+                    num_weights=w.numel(),
+                    score=float(entropy.sum()),
+                    loss_std=float(losses.std(dim=1).mean()),
+                    perturbation_std=sigma * wstd,
+                    seconds=time.perf_counter() - t1,
+                    order=order[name],
+                )
+            )
     scores.sort(key=lambda s: (-s.score, s.order))
     return SelectionReport(
         scores=scores,

@@ -85,7 +85,9 @@ def train_head(
     model.train()
     bar = tqdm(range(start, total), desc="training OCD head", disable=not (progress and accelerator.is_main_process))
     for step in bar:
-        g = torch.Generator().manual_seed(config.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
+        g = torch.Generator().manual_seed(
+            config.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index
+        )
         idx = torch.randint(0, n, (bs,), generator=g)
         batch = {k: v.to(accelerator.device) for k, v in store.get_batch(idx).items()}
         clean = omega_batch(batch).reshape(bs, *config.target_shape)

@@ -11,8 +11,9 @@ import hashlib
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -23,12 +24,12 @@ from .capture import Conditioning, capture_layer, pool
 from .collection import DeltaStore, collect_deltas
 from .config import OCDConfig
 from .head import OCDHead
+from .health import check_samples
 from .integrations import ModelAdapter, get_adapter
 from .losses import LossFn, resolve_loss
 from .modes import eval_mode
 from .per_sample import check_supported, per_sample_weights
 from .prefix import reuse_prefix
-from .health import check_samples
 from .sampling import make_sampling_scheduler, sample_omega
 from .selection import AUTO, SelectionReport
 from .selection import select_layer as run_selection
@@ -75,7 +76,7 @@ class OCDWrapper(nn.Module):
         selection_data: Any = None,
         selection_kwargs: dict[str, Any] | None = None,
         **config_kwargs: Any,
-    ) -> "OCDWrapper":
+    ) -> OCDWrapper:
         """Wrap `model` for OCD on `layer`, or load a trained head from a folder / Hub id.
 
         layer="auto" (or a list of names to choose from) picks the layer by the entropy criterion (see
@@ -85,7 +86,11 @@ class OCDWrapper(nn.Module):
         if pretrained_head is not None:
             from .hub import load_head
 
-            given = [n for n, v in (("layer", layer), ("config", config), ("selection_data", selection_data)) if v is not None]
+            given = [
+                n
+                for n, v in (("layer", layer), ("config", config), ("selection_data", selection_data))
+                if v is not None
+            ]
             if given:
                 raise ValueError(
                     f"{given} cannot be combined with a pretrained head: the head fixes its layer and settings "
@@ -97,12 +102,16 @@ class OCDWrapper(nn.Module):
         if layer is not None:
             config = config.replace(layer=AUTO if restrict else layer)
         if config.layer is None:
-            raise ValueError("Name the layer to generate weights for, e.g. layer='fc1', or pass layer='auto' (see OCDWrapper.candidate_layers(model)).")
+            raise ValueError(
+                "Name the layer to generate weights for, e.g. layer='fc1', or pass layer='auto' (see OCDWrapper.candidate_layers(model))."
+            )
         ocd = cls(model, config)
         ocd._selection_kwargs = {**(selection_kwargs or {}), **({"layer": restrict} if restrict else {})}
         if selection_data is not None:
             if ocd.layer is not None:
-                raise ValueError(f"selection_data is used only with layer='auto' or a list of layers; got layer={config.layer!r}.")
+                raise ValueError(
+                    f"selection_data is used only with layer='auto' or a list of layers; got layer={config.layer!r}."
+                )
             ocd.select_layer(selection_data)
         return ocd
 
@@ -137,7 +146,9 @@ class OCDWrapper(nn.Module):
         kwargs = {"seed": self.config.seed, **self._selection_kwargs, **kwargs}
         report = run_selection(self.model, data, self._loss_fn, adapter=self.adapter, **kwargs)
         self.layer = resolve_layer(self.adapter, report.winner)
-        self.config = self.config.replace(layer=report.winner, extra={**self.config.extra, "selection": report.summary()})
+        self.config = self.config.replace(
+            layer=report.winner, extra={**self.config.extra, "selection": report.summary()}
+        )
         self.selection_report = report
         return report
 
@@ -158,7 +169,7 @@ class OCDWrapper(nn.Module):
         resume: bool = True,
         accelerator: Accelerator | None = None,
         progress: bool = True,
-    ) -> "OCDWrapper":
+    ) -> OCDWrapper:
         """Overfit every sample (streamed to `collect_dir`), then train the head on the deltas.
 
         Deltas carry the base model's real errors only on samples it was not trained on: pass a held-out
@@ -171,14 +182,26 @@ class OCDWrapper(nn.Module):
             if collect_dir is None:  # the deltas are only needed until the head is trained
                 collect_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ocd-collect-"))
             store = self.collect(
-                train_dataset, loss, batch_size=batch_size, collect_dir=collect_dir, shard_size=shard_size,
-                cross_fit=cross_fit, num_folds=num_folds, accelerator=accelerator, progress=progress,
+                train_dataset,
+                loss,
+                batch_size=batch_size,
+                collect_dir=collect_dir,
+                shard_size=shard_size,
+                cross_fit=cross_fit,
+                num_folds=num_folds,
+                accelerator=accelerator,
+                progress=progress,
             )
             if num_train_steps is not None:
                 self.config = self.config.replace(num_train_steps=num_train_steps)
             self.train_head(store, output_dir=output_dir, resume=resume, accelerator=accelerator, progress=progress)
         if eval_dataset is not None:
-            self.calibrate(eval_dataset, batch_size=max(batch_size, 256), seed=self.config.seed, progress=progress and accelerator.is_main_process)
+            self.calibrate(
+                eval_dataset,
+                batch_size=max(batch_size, 256),
+                seed=self.config.seed,
+                progress=progress and accelerator.is_main_process,
+            )
         elif accelerator.is_main_process:
             warnings.warn(
                 "fit() without eval_dataset leaves the head uncalibrated (delta_scale=1.0). In our benchmarks "
@@ -222,7 +245,9 @@ class OCDWrapper(nn.Module):
             paths: str | list[Path] = collect_dir
             mode = {"mode": "given data"}
         else:
-            paths = self._cross_fit_collect(dataset, loss_fn, Path(collect_dir), cross_fit, num_folds, batch_size, shard_size, progress, pi, np_)
+            paths = self._cross_fit_collect(
+                dataset, loss_fn, Path(collect_dir), cross_fit, num_folds, batch_size, shard_size, progress, pi, np_
+            )
             mode = {"mode": "cross_fit", "num_folds": num_folds}
         if accelerator is not None:
             accelerator.wait_for_everyone()
@@ -230,22 +255,52 @@ class OCDWrapper(nn.Module):
         self.config = self.config.replace(**loss_fields, extra={**self.config.extra, "collection": mode})
         return DeltaStore(paths)
 
-    def _collect_into(self, dataset: Dataset, loss_fn: LossFn, out: Any, batch_size: int, shard_size: int, progress: bool, pi: int, np_: int) -> None:
+    def _collect_into(
+        self,
+        dataset: Dataset,
+        loss_fn: LossFn,
+        out: Any,
+        batch_size: int,
+        shard_size: int,
+        progress: bool,
+        pi: int,
+        np_: int,
+    ) -> None:
         c = self.config
         collect_deltas(
-            self.module, c.layer, dataset, loss_fn, out,
+            self.module,
+            c.layer,
+            dataset,
+            loss_fn,
+            out,
             split_batch=self.adapter.split_batch,
             forward_fn=self.adapter.forward,
             collate_fn=self.adapter.collate_fn(),
             to_device=lambda b: self.adapter.to_device(b, self.device),
-            steps=c.overfit_steps, lr=c.overfit_lr, optimizer=c.overfit_optimizer, include_bias=c.overfit_bias, target=c.target,
-            batch_size=batch_size, shard_size=shard_size, progress=progress,
-            process_index=pi, num_processes=np_,
+            steps=c.overfit_steps,
+            lr=c.overfit_lr,
+            optimizer=c.overfit_optimizer,
+            include_bias=c.overfit_bias,
+            target=c.target,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            progress=progress,
+            process_index=pi,
+            num_processes=np_,
         )
 
     def _cross_fit_collect(
-        self, dataset: Dataset, loss_fn: LossFn, root: Path, train_fn: Callable[[Dataset], Any], num_folds: int,
-        batch_size: int, shard_size: int, progress: bool, pi: int, np_: int,
+        self,
+        dataset: Dataset,
+        loss_fn: LossFn,
+        root: Path,
+        train_fn: Callable[[Dataset], Any],
+        num_folds: int,
+        batch_size: int,
+        shard_size: int,
+        progress: bool,
+        pi: int,
+        np_: int,
     ) -> list[Path]:
         n = len(dataset)
         if not 2 <= num_folds <= n:
@@ -262,7 +317,9 @@ class OCDWrapper(nn.Module):
                 fitted = train_fn(_subset(dataset, rest))
                 state = fitted if isinstance(fitted, dict) else get_adapter(fitted).module.state_dict()
                 self.module.load_state_dict(state)
-                self._collect_into(_subset(dataset, folds[k]), loss_fn, paths[k], batch_size, shard_size, progress, 0, 1)
+                self._collect_into(
+                    _subset(dataset, folds[k]), loss_fn, paths[k], batch_size, shard_size, progress, 0, 1
+                )
         finally:
             self.module.load_state_dict(original)
         return paths
@@ -280,9 +337,13 @@ class OCDWrapper(nn.Module):
         if self.layer is None:
             raise RuntimeError("layer='auto' is not resolved yet: call select_layer(data) or collect(dataset) first.")
         if store.target != self.config.target:
-            raise ValueError(f"The collection holds target={store.target!r} deltas but the config asks for target={self.config.target!r}.")
+            raise ValueError(
+                f"The collection holds target={store.target!r} deltas but the config asks for target={self.config.target!r}."
+            )
         if tuple(store.weight_shape) != tuple(self.layer.weight.shape):
-            raise ValueError(f"Collection targets a {store.weight_shape} weight but layer {self.config.layer!r} is {tuple(self.layer.weight.shape)}.")
+            raise ValueError(
+                f"Collection targets a {store.weight_shape} weight but layer {self.config.layer!r} is {tuple(self.layer.weight.shape)}."
+            )
         sample = store[0]
         info = self.adapter.describe()
         self.config = self.config.replace(
@@ -297,10 +358,20 @@ class OCDWrapper(nn.Module):
         )
         torch.manual_seed(self.config.seed)
         self.head = OCDHead(self.config)
-        self.history = train_head(self.head, store, self.config, output_dir=output_dir, resume=resume, accelerator=accelerator, progress=progress)
+        self.history = train_head(
+            self.head,
+            store,
+            self.config,
+            output_dir=output_dir,
+            resume=resume,
+            accelerator=accelerator,
+            progress=progress,
+        )
         self.head.to(self.device)
         omega = store.get_batch(range(min(len(store), 2048)))
-        self.config = self.config.replace(target_std=float((omega["delta"].flatten(1) / omega["scale"][:, None].clamp_min(1e-12)).std()))
+        self.config = self.config.replace(
+            target_std=float((omega["delta"].flatten(1) / omega["scale"][:, None].clamp_min(1e-12)).std())
+        )
         return self.history
 
     @torch.no_grad()
@@ -322,7 +393,6 @@ class OCDWrapper(nn.Module):
         instead of shipped. Sets config.delta_scale and returns the per-value mean losses.
         """
         from torch.utils.data import DataLoader
-
         from tqdm.auto import tqdm
 
         self._require_head()
@@ -346,8 +416,14 @@ class OCDWrapper(nn.Module):
         diff = per[best] - per[0.0]
         se = float(diff.std() / max(len(diff), 1) ** 0.5) if len(diff) > 1 else float("inf")
         chosen = best if best > 0 and float(diff.mean()) < -min_gain_se * se else 0.0
-        result = {"delta_scale": chosen, "mean_loss": {str(g): m for g, m in mean.items()}, "best": best,
-                  "gain_vs_base": -float(diff.mean()), "gain_se": se, "num_samples": len(diff)}
+        result = {
+            "delta_scale": chosen,
+            "mean_loss": {str(g): m for g, m in mean.items()},
+            "best": best,
+            "gain_vs_base": -float(diff.mean()),
+            "gain_se": se,
+            "num_samples": len(diff),
+        }
         self.config = self.config.replace(delta_scale=chosen, extra={**self.config.extra, "calibration": result})
         return result
 
@@ -355,10 +431,15 @@ class OCDWrapper(nn.Module):
         """The loss function and the config fields it implies (applied only once collection succeeds)."""
         loss = loss if loss is not None else (self.config.loss or self.adapter.default_loss)
         if loss is None:
-            raise ValueError("Pass loss='cross_entropy', loss='mse' or a callable(output, target) -> per-sample loss [B].")
+            raise ValueError(
+                "Pass loss='cross_entropy', loss='mse' or a callable(output, target) -> per-sample loss [B]."
+            )
         fields = {}
         if isinstance(loss, str):
-            fields = {"loss": loss, "task": self.config.task or ("classification" if loss == "cross_entropy" else "regression")}
+            fields = {
+                "loss": loss,
+                "task": self.config.task or ("classification" if loss == "cross_entropy" else "regression"),
+            }
         return resolve_loss(loss), fields
 
     # ------------------------------------------------------------------ inference
@@ -371,7 +452,11 @@ class OCDWrapper(nn.Module):
 
     @torch.no_grad()
     def generate_deltas(
-        self, cond: Conditioning, num_samples: int = 1, generator: torch.Generator | None = None, delta_scale: float | None = None
+        self,
+        cond: Conditioning,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        delta_scale: float | None = None,
     ) -> torch.Tensor:
         """delta_scale · ρ̂(I(x)) · Ω_0 with Ω_0 from DDIM; returns [num_samples, B, *weight_shape] ([.., B, out] when factored).
 
@@ -384,7 +469,12 @@ class OCDWrapper(nn.Module):
         head.eval()
         normed = head.normalize(cond)
         omega = sample_omega(
-            head.denoiser, normed, make_sampling_scheduler(self.config), self.config.num_inference_steps, num_samples, generator,
+            head.denoiser,
+            normed,
+            make_sampling_scheduler(self.config),
+            self.config.num_inference_steps,
+            num_samples,
+            generator,
             guidance_scale=self.config.guidance_scale,
         )
         self.last_health = check_samples(omega, self.config.target_std)
@@ -393,7 +483,9 @@ class OCDWrapper(nn.Module):
         if self.config.target == "factored":
             delta = delta.squeeze(-1)
         if not torch.isfinite(delta).all():
-            raise FloatingPointError("The head's scale net gave non-finite deltas; it has likely diverged (retrain it with a lower learning_rate).")
+            raise FloatingPointError(
+                "The head's scale net gave non-finite deltas; it has likely diverged (retrain it with a lower learning_rate)."
+            )
         return delta.to(self.layer.weight.dtype)
 
     @torch.no_grad()
@@ -442,13 +534,19 @@ class OCDWrapper(nn.Module):
 
         single = isinstance(inputs, str)
         batches = iter_batches([inputs] if single else inputs, batch_size)
-        probs = torch.cat([self(self.adapter.prepare_inputs(b), num_samples, generator=generator).softmax(-1) for b in batches])
+        probs = torch.cat(
+            [self(self.adapter.prepare_inputs(b), num_samples, generator=generator).softmax(-1) for b in batches]
+        )
         return probs[0] if single else probs
 
-    def predict(self, inputs: Any, num_samples: int = 1, batch_size: int = 32, generator: torch.Generator | None = None) -> Any:
+    def predict(
+        self, inputs: Any, num_samples: int = 1, batch_size: int = 32, generator: torch.Generator | None = None
+    ) -> Any:
         """Predicted classes (SetFit: its labels, as SetFitModel.predict returns them)."""
         single = isinstance(inputs, str)
-        preds = self.adapter.decode(self.predict_proba([inputs] if single else inputs, num_samples, batch_size, generator).argmax(-1))
+        preds = self.adapter.decode(
+            self.predict_proba([inputs] if single else inputs, num_samples, batch_size, generator).argmax(-1)
+        )
         return preds[0] if single else preds
 
     # ------------------------------------------------------------------ sharing
@@ -473,13 +571,21 @@ class OCDWrapper(nn.Module):
         from .hub import push_head
 
         return push_head(
-            self, repo_id, private=private, revision=revision, create_pr=create_pr,
-            commit_message=commit_message, token=token, evaluation=evaluation,
+            self,
+            repo_id,
+            private=private,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message,
+            token=token,
+            evaluation=evaluation,
         )
 
     def _require_head(self) -> OCDHead:
         if self.head is None:
-            raise RuntimeError("This OCDWrapper has no trained head yet: call fit(...) or load one with from_pretrained(model, path).")
+            raise RuntimeError(
+                "This OCDWrapper has no trained head yet: call fit(...) or load one with from_pretrained(model, path)."
+            )
         return self.head
 
     def unload(self) -> Any:
@@ -510,7 +616,11 @@ def resolve_layer(adapter: ModelAdapter, name: str | None) -> nn.Module:
 
 def _subset(dataset: Any, indices: list[int]) -> Any:
     # HF datasets keep their own type (trainers such as SetFit's expect one); anything else is a Subset
-    return dataset.select(indices) if hasattr(dataset, "select") and hasattr(dataset, "column_names") else Subset(dataset, indices)
+    return (
+        dataset.select(indices)
+        if hasattr(dataset, "select") and hasattr(dataset, "column_names")
+        else Subset(dataset, indices)
+    )
 
 
 def _complete(folder: Path) -> bool:

@@ -8,7 +8,8 @@ never imports timm, setfit or sentence-transformers itself.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,8 +100,11 @@ class ModelAdapter:
 
     def describe(self) -> dict[str, str | None]:
         """Provenance written into the config: model id and library."""
-        return {"base_model": getattr(getattr(self.module, "config", None), "_name_or_path", None) or type(self.module).__name__,
-                "base_model_library": "torch"}
+        return {
+            "base_model": getattr(getattr(self.module, "config", None), "_name_or_path", None)
+            or type(self.module).__name__,
+            "base_model_library": "torch",
+        }
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -138,7 +142,10 @@ def batch_length(inputs: Any) -> int:
 
 def slice_batch(inputs: Any, start: int, stop: int) -> Any:
     if isinstance(inputs, Mapping):
-        return {k: slice_batch(v, start, stop) if isinstance(v, (torch.Tensor, list, tuple)) else v for k, v in inputs.items()}
+        return {
+            k: slice_batch(v, start, stop) if isinstance(v, (torch.Tensor, list, tuple)) else v
+            for k, v in inputs.items()
+        }
     return inputs[start:stop]
 
 
@@ -148,7 +155,7 @@ def _class_from(model: Any, library: str, name: str) -> bool:
 
 
 def detect_family(model: Any) -> str:
-    """"setfit", "sentence-transformers", "transformers", "timm" or "torch"; raises TypeError for anything else."""
+    """ "setfit", "sentence-transformers", "transformers", "timm" or "torch"; raises TypeError for anything else."""
     if _class_from(model, "setfit", "SetFitModel"):
         return "setfit"
     if _class_from(model, "sentence_transformers", "SentenceTransformer"):
@@ -171,7 +178,9 @@ def unsupported_message(model: Any) -> str:
         hint = " TensorFlow / Flax models are not supported; load the PyTorch class instead."
     return (
         f"OCD cannot wrap a {kind}: it wraps torch.nn.Module models and these families: "
-        + "; ".join(SUPPORTED_FAMILIES) + "." + hint
+        + "; ".join(SUPPORTED_FAMILIES)
+        + "."
+        + hint
     )
 
 

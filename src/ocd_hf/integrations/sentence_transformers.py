@@ -13,7 +13,8 @@ never used, so it is not a candidate.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,11 +47,15 @@ class SentenceTransformerAdapter(ModelAdapter):
         return {k: v if device is None else v.to(device) for k, v in feats.items() if isinstance(v, torch.Tensor)}
 
     def features(self, inputs: Any) -> dict[str, torch.Tensor]:
-        if isinstance(inputs, str) or (isinstance(inputs, Sequence) and not isinstance(inputs, Mapping) and _all_str(inputs)):
+        if isinstance(inputs, str) or (
+            isinstance(inputs, Sequence) and not isinstance(inputs, Mapping) and _all_str(inputs)
+        ):
             return self.tokenize(inputs, module_device(self.module))
         if isinstance(inputs, Mapping):
             return {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-        raise TypeError(f"{type(self).__name__} takes raw strings or tokenized features (a dict of tensors); got {type(inputs).__name__}.")
+        raise TypeError(
+            f"{type(self).__name__} takes raw strings or tokenized features (a dict of tensors); got {type(inputs).__name__}."
+        )
 
     def forward(self, module: nn.Module, inputs: Any) -> torch.Tensor:
         # sentence-transformers modules add their outputs to the features dict: pass a copy.
@@ -77,7 +82,9 @@ class SentenceTransformerAdapter(ModelAdapter):
             else:
                 tkey = next((k for k in TEXT_KEYS if k in batch), None)
                 if tkey is None:
-                    raise ValueError(f"A text batch needs a 'text' entry (or one of {list(TEXT_KEYS)}); got keys {sorted(batch)}.")
+                    raise ValueError(
+                        f"A text batch needs a 'text' entry (or one of {list(TEXT_KEYS)}); got keys {sorted(batch)}."
+                    )
                 feats = self.features(batch[tkey])
             return feats, self._labels_on_device(batch[lkey])
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
@@ -97,7 +104,9 @@ class SentenceTransformerAdapter(ModelAdapter):
             tkey = next((k for k in TEXT_KEYS if k in first), None)
             lkey = next((k for k in LABEL_KEYS if k in first), None)
             if tkey is None:
-                raise ValueError(f"Dataset rows need a 'text' column (or one of {list(TEXT_KEYS)}); got columns {sorted(first)}.")
+                raise ValueError(
+                    f"Dataset rows need a 'text' column (or one of {list(TEXT_KEYS)}); got columns {sorted(first)}."
+                )
             texts = [row[tkey] for row in rows]
             labels = [row[lkey] for row in rows] if lkey is not None else None
         elif isinstance(first, str):
@@ -105,12 +114,18 @@ class SentenceTransformerAdapter(ModelAdapter):
         elif isinstance(first, (tuple, list)) and len(first) == 2:
             texts, labels = [r[0] for r in rows], [r[1] for r in rows]
         else:
-            raise ValueError(f"Cannot collate rows of type {type(first).__name__}; use dicts with 'text'/'label' or (text, label) pairs.")
+            raise ValueError(
+                f"Cannot collate rows of type {type(first).__name__}; use dicts with 'text'/'label' or (text, label) pairs."
+            )
         batch: dict[str, Any] = dict(self.tokenize(texts))
         if labels is not None:
             # Raw label values (numbers as a tensor): split_batch maps them, so collating twice is harmless.
-            batch["label"] = labels if any(isinstance(v, str) for v in labels) else torch.as_tensor(
-                np.asarray([v.cpu().numpy() if isinstance(v, torch.Tensor) else v for v in labels])
+            batch["label"] = (
+                labels
+                if any(isinstance(v, str) for v in labels)
+                else torch.as_tensor(
+                    np.asarray([v.cpu().numpy() if isinstance(v, torch.Tensor) else v for v in labels])
+                )
             )
         return batch
 

@@ -15,7 +15,8 @@ indices. `OCDWrapper.predict` returns what `SetFitModel.predict` would (labels i
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +60,9 @@ class SetFitModule(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def linear_from_logistic_regression(head: Any, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> nn.Linear:
+def linear_from_logistic_regression(
+    head: Any, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> nn.Linear:
     """An nn.Linear whose softmax equals `head.predict_proba` (sklearn LogisticRegression, binary or multinomial)."""
     if not hasattr(head, "coef_"):
         raise ValueError(

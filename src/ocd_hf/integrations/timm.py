@@ -8,7 +8,8 @@ are not candidates.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +26,9 @@ class TimmAdapter(ModelAdapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.preferred_layer = classifier_name(model)
-        self.default_loss = "cross_entropy" if self.preferred_layer is not None or getattr(model, "num_classes", 0) else None
+        self.default_loss = (
+            "cross_entropy" if self.preferred_layer is not None or getattr(model, "num_classes", 0) else None
+        )
 
     def split_batch(self, batch: Any) -> tuple[Any, torch.Tensor]:
         if isinstance(batch, Mapping):

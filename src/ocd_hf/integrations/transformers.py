@@ -12,7 +12,8 @@ To give a tokenizer or collator: `OCDWrapper.from_pretrained(TransformersAdapter
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,9 @@ class TransformersAdapter(ModelAdapter):
         if isinstance(batch, Mapping):
             key = next((k for k in LABEL_KEYS if k in batch), None)
             if key is None:
-                raise ValueError(f"A batch for a transformers model needs a 'labels' (or 'label') entry; got keys {sorted(batch)}.")
+                raise ValueError(
+                    f"A batch for a transformers model needs a 'labels' (or 'label') entry; got keys {sorted(batch)}."
+                )
             inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS and isinstance(v, torch.Tensor)}
             labels = batch[key]
             return inputs, labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
@@ -72,7 +75,10 @@ class TransformersAdapter(ModelAdapter):
     # ------------------------------------------------------------------ provenance
     def describe(self) -> dict[str, str | None]:
         cfg = getattr(self.model, "config", None)
-        return {"base_model": getattr(cfg, "_name_or_path", None) or type(self.model).__name__, "base_model_library": "transformers"}
+        return {
+            "base_model": getattr(cfg, "_name_or_path", None) or type(self.model).__name__,
+            "base_model_library": "transformers",
+        }
 
 
 def default_loss_for(model: nn.Module) -> str | None:
@@ -144,7 +150,9 @@ def pad_rows(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
             out[key] = _tensor(np.stack(arrays))
             continue
         if len({a.shape[1:] for a in arrays}) != 1:
-            raise ValueError(f"Cannot pad column {key!r}: its rows differ beyond the first dimension ({sorted(shapes)}).")
+            raise ValueError(
+                f"Cannot pad column {key!r}: its rows differ beyond the first dimension ({sorted(shapes)})."
+            )
         length = max(a.shape[0] for a in arrays)
         fill = pad_id if key == "input_ids" else 0
         buf = np.full((len(arrays), length, *arrays[0].shape[1:]), fill, dtype=arrays[0].dtype)
