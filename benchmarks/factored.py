@@ -52,13 +52,12 @@ def digits(steps: int, seed: int) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for target in ("full", "factored"):
         torch.manual_seed(seed)
-        ocd = OCDWrapper.from_pretrained(base, layer="fc2", target=target, seed=seed)
+        ocd = OCDWrapper.from_pretrained(base, layer="fc2", target=target)
         with tempfile.TemporaryDirectory() as d:
             store = ocd.collect(train, "cross_entropy", collect_dir=d, progress=False)
             energy = store.column("energy").mean().item() if target == "factored" else 1.0
             t0 = time.perf_counter()
-            ocd.config = ocd.config.replace(num_train_steps=steps)
-            ocd.train_head(store, progress=False)
+            ocd.train_head(store, num_train_steps=steps, seed=seed, progress=False)
             sps = steps / (time.perf_counter() - t0)
         cond, _ = ocd.conditioning(xt)
         gen = ocd.generate_deltas(cond, 1, torch.Generator().manual_seed(seed))[0]

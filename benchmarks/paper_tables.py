@@ -53,7 +53,7 @@ GATES = (0.5, 0.7, 0.9, 0.99, 1.01)  # apply the delta only where the base model
 # ---------------------------------------------------------------------------------------------- one run
 def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Build the task, train every head, evaluate; returns a JSON-able record."""
-    from tasks import build_task
+    from tasks import build_task, split_kwargs
 
     from ocd_hf import OCDWrapper
     from ocd_hf.evaluation import evaluate
@@ -75,9 +75,10 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "calibration": {},
         "seconds": {},
     }
-    kw = dict(task.ocd_kwargs)
+    kw, train_kw = split_kwargs(task.ocd_kwargs)
     if args.head_steps and not args.quick:
-        kw["num_train_steps"] = args.head_steps
+        train_kw["num_train_steps"] = args.head_steps
+    train_kw["seed"] = seed
     bs = task.batch_size
     ev = dict(batch_size=max(bs, 64), seed=seed, progress=False)
     fold_cache: dict[tuple, Any] = {}
@@ -90,7 +91,7 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         return fold_cache[key]
 
     def make(layer=task.layer, **over):
-        return OCDWrapper.from_pretrained(task.model, layer=layer, seed=seed, **{**kw, **over})
+        return OCDWrapper.from_pretrained(task.model, layer=layer, **{**kw, **over})
 
     def head(label, ocd, collect_dir, cross_fit=False):
         t = time.perf_counter()
@@ -102,8 +103,9 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
             progress=False,
             cross_fit=train_fn if cross_fit else None,
             num_folds=min(CROSS_FIT_FOLDS, len(task.train)),
+            **train_kw,
         )
-        ocd.train_head(store, progress=False)
+        ocd.train_head(store, progress=False, **train_kw)
         rec["calibration"][label] = ocd.calibrate(task.val, batch_size=max(bs, 64), seed=seed, progress=False)
         rec["seconds"][label] = time.perf_counter() - t
         return ocd, store
@@ -189,7 +191,7 @@ def ideas(task, seed, make, head, heads, tmp: Path, ev: dict) -> dict[str, Any]:
             rows["OCD at delta_scale 1"] = rep.rows["OCD at delta_scale 1"]
         out[label] = {
             "rows": rows,
-            "delta_scale": ocd.config.delta_scale,
+            "delta_scale": ocd.delta_scale,
             "cosine": rep.cosine_to_oracle.get("OCD (1 draw)"),
             "health": rep.health,
         }
@@ -208,7 +210,8 @@ def ideas(task, seed, make, head, heads, tmp: Path, ev: dict) -> dict[str, Any]:
     for mode, cf in (("cross-fit collection", True),):
         ocd, _ = head(f"cfg, {mode}", make(cond_dropout=0.1), tmp / f"cfg{mode[:5]}", cross_fit=cf)
         for w in GUIDANCE:
-            ocd.config = ocd.config.replace(guidance_scale=w, delta_scale=1.0)
+            ocd.config = ocd.config.replace(guidance_scale=w)
+            ocd.delta_scale = 1.0
             ocd.calibrate(task.val, batch_size=ev["batch_size"], seed=seed, progress=False)
             score(ocd, f"guidance w={w:g} ({mode})")
     # 3. ensemble size, and 4. a confidence gate, on the two main heads

@@ -44,10 +44,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ocd_hf import OCDWrapper
+from ocd_hf import OCDTrainingArguments, OCDWrapper
 from ocd_hf.collection import collect_deltas
 from ocd_hf.demo import LeNetDigits
-from ocd_hf.integrations import ModelAdapter
+from ocd_hf.integrations import TorchAdapter
 from ocd_hf.losses import cross_entropy
 from ocd_hf.overfit import overfit_batch, overfit_sequential
 
@@ -166,7 +166,7 @@ def bench_collection(rec: Recorder, args: argparse.Namespace) -> None:
         g = torch.Generator().manual_seed(1)
         x, y = torch.rand(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
         data = TensorDataset(x, y)
-        adapter = ModelAdapter(model)
+        adapter = TorchAdapter(model)
         layer = model.fc2
         k = min(args.sequential_samples, n)
         print(f"{task}: fc2 {tuple(layer.weight.shape)}, {n} samples, 3 Adam steps", flush=True)
@@ -318,7 +318,7 @@ def bench_task(rec: Recorder, name: str, args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     task = build_task(name, args)
     label = task["label"]
-    ocd = OCDWrapper.from_pretrained(task["model"], layer=task["layer"], num_train_steps=args.head_steps, seed=0)
+    ocd = OCDWrapper.from_pretrained(task["model"], layer=task["layer"])
     adapter, module = ocd.adapter, ocd.module
     print(
         f"{label}: layer {ocd.config.layer} {tuple(ocd.layer.weight.shape)} (built in {time.perf_counter() - t0:.1f}s)",
@@ -333,7 +333,11 @@ def bench_task(rec: Recorder, name: str, args: argparse.Namespace) -> None:
             "training",
             label,
             f"train_head, {steps} steps (incl. setup)",
-            measure(lambda: ocd.train_head(store, progress=False), max(1, min(args.repeats, 3)), warmup=0),
+            measure(
+                lambda: ocd.train_head(store, num_train_steps=steps, progress=False),
+                max(1, min(args.repeats, 3)),
+                warmup=0,
+            ),
             steps=steps,
         )
         n_params = sum(p.numel() for p in ocd.head.denoiser.parameters())
@@ -343,9 +347,9 @@ def bench_task(rec: Recorder, name: str, args: argparse.Namespace) -> None:
             "denoiser training steps/s",
             steps / t_train,
             unit=" steps/s",
-            target_shape=list(ocd.config.target_shape),
+            target_shape=list(ocd.shapes.target_shape),
             denoiser_params=n_params,
-            train_batch_size=min(ocd.config.train_batch_size, len(store)),
+            train_batch_size=min(OCDTrainingArguments().train_batch_size, len(store)),
             block_out_channels=list(ocd.config.block_out_channels),
         )
 

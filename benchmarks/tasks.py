@@ -2,8 +2,9 @@
 
     from tasks import build_task, TASKS            # benchmarks/ on sys.path, or load this file by path
     task = build_task("california_mlp", seed=0, data_root="../shared/data")
-    ocd = OCDWrapper.from_pretrained(task.model, layer=task.layer, seed=0, **task.ocd_kwargs)
-    ocd.fit(task.train, loss=task.loss, batch_size=task.batch_size)
+    config_kw, train_kw = split_kwargs(task.ocd_kwargs)
+    ocd = OCDWrapper.from_pretrained(task.model, layer=task.layer, **config_kw)
+    ocd.fit(task.train, loss=task.loss, batch_size=task.batch_size, seed=0, **train_kw)
 
 | task | paper setting (table) | here | layer |
 |---|---|---|---|
@@ -53,6 +54,15 @@ CALIFORNIA_CSV = Path("tabular") / "california_housing.csv.gz"
 REVIEWS_CSV = Path("text") / "womens_clothing_reviews.csv.gz"
 NUM_CLASSES = 5  # review ratings 1..5 -> classes 0..4
 MISSING_CLASS_LOGIT_GAP = 10.0  # see _all_classes
+
+
+def split_kwargs(ocd_kwargs: dict) -> tuple[dict, dict]:
+    """A task's `ocd_kwargs` -> (OCDConfig fields, OCDTrainingArguments fields)."""
+    from ocd_hf.training_args import LEGACY_CONFIG_KEYS
+
+    train = {k: v for k, v in ocd_kwargs.items() if k in LEGACY_CONFIG_KEYS}
+    return {k: v for k, v in ocd_kwargs.items() if k not in train}, train
+
 
 # Head sizes for a 2-core CPU (see `ocd_kwargs` in each builder); quick runs use the tiny one.
 SMALL_HEAD = dict(block_out_channels=(32, 32, 64), cond_hidden_dim=64, scale_hidden_dim=64)

@@ -187,17 +187,17 @@ def main(argv=None) -> None:
     ocd = OCDWrapper.from_pretrained(
         model,
         layer=layer,
-        num_train_steps=args.ocd_steps,
-        seed=args.seed,
         target=args.target,
         selection_data=selection,
-        selection_kwargs={"num_perturbations": 100},
+        selection_kwargs={"num_perturbations": 100, "seed": args.seed},
         **small,
     )
     out = Path(args.output_dir) if args.output_dir else None
     ocd.fit(
         train,
         batch_size=16,
+        num_train_steps=args.ocd_steps,
+        seed=args.seed,
         accelerator=accelerator,
         progress=main_process,
         collect_dir=out / "deltas" if out else None,

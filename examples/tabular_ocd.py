@@ -96,11 +96,11 @@ def main(argv=None) -> None:
     print(f"California housing: {len(train)} train / {len(test)} test; MLP trained in {time.perf_counter() - t0:.0f}s")
 
     t1 = time.perf_counter()
-    ocd = OCDWrapper.from_pretrained(model, layer=args.layer, num_train_steps=args.ocd_steps, seed=args.seed)
-    ocd.fit(train, loss="mse", batch_size=256, eval_dataset=val)
+    ocd = OCDWrapper.from_pretrained(model, layer=args.layer)
+    ocd.fit(train, loss="mse", batch_size=256, eval_dataset=val, num_train_steps=args.ocd_steps, seed=args.seed)
     print(
         f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected, trained and calibrated in {time.perf_counter() - t1:.0f}s; "
-        f"delta_scale {ocd.config.delta_scale} (0: no gain on validation, OCD is off)"
+        f"delta_scale {ocd.delta_scale} (0: no gain on validation, OCD is off)"
     )
 
     report = evaluate(ocd, test, num_samples=5, seed=args.seed, validation=val)

@@ -113,8 +113,10 @@ def main(argv=None) -> None:
 
     t1 = time.perf_counter()
     layer = args.layer or get_adapter(model).preferred_layer  # timm names its classifier
-    ocd = OCDWrapper.from_pretrained(model, layer=layer, num_train_steps=args.ocd_steps, seed=args.seed)
-    ocd.fit(TensorDataset(x_train, y_train), batch_size=32)  # cross-entropy comes from the timm integration
+    ocd = OCDWrapper.from_pretrained(model, layer=layer)
+    ocd.fit(
+        TensorDataset(x_train, y_train), batch_size=32, num_train_steps=args.ocd_steps, seed=args.seed
+    )  # cross-entropy comes from the timm integration
     print(
         f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected and trained in {time.perf_counter() - t1:.0f}s"
     )

@@ -104,11 +104,9 @@ def main(argv=None) -> None:
         model,
         layer=layer,
         selection_data=selection,
-        num_train_steps=args.ocd_steps,
-        seed=args.seed,
-        selection_kwargs={"num_perturbations": 200, "max_samples": 16},
+        selection_kwargs={"num_perturbations": 200, "max_samples": 16, "seed": args.seed},
     )
-    ocd.fit(train, batch_size=32)
+    ocd.fit(train, batch_size=32, num_train_steps=args.ocd_steps, seed=args.seed)
     print(
         f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected and trained in {time.perf_counter() - t1:.0f}s"
     )

@@ -39,4 +39,31 @@ def image_data():
     return torch.utils.data.TensorDataset(x, y)
 
 
-TINY_HEAD = dict(block_out_channels=(16, 16, 32), cond_hidden_dim=16, scale_hidden_dim=16, train_batch_size=16)
+TINY_HEAD = dict(block_out_channels=(16, 16, 32), cond_hidden_dim=16, scale_hidden_dim=16)
+# training arguments that go with TINY_HEAD (fit(**TINY_TRAIN) / OCDTrainingArguments(**TINY_TRAIN))
+TINY_TRAIN = dict(train_batch_size=16, progress=False)
+
+
+def shapes_for(weight_shape, input_dim=5, output_dim=3, activation_dim=None, target_shape=None):
+    """HeadShapes for a synthetic layer (activation_dim defaults to the weight's first dim)."""
+    from ocd_hf.state import HeadShapes
+
+    return HeadShapes(
+        weight_shape=tuple(weight_shape),
+        target_shape=tuple(target_shape or weight_shape),
+        input_dim=input_dim,
+        activation_dim=activation_dim or weight_shape[0],
+        output_dim=output_dim,
+    )
+
+
+def shapes_of(store):
+    """HeadShapes of a collection."""
+    s = store[0]
+    return shapes_for(
+        store.weight_shape,
+        s["layer_input"].numel(),
+        s["model_output"].numel(),
+        s["layer_output"].numel(),
+        store.target_shape,
+    )

@@ -6,12 +6,12 @@ import torch
 from safetensors.torch import load_file
 
 from ocd_hf.collection import DeltaStore, collect_deltas
-from ocd_hf.integrations import ModelAdapter
+from ocd_hf.integrations import TorchAdapter
 from ocd_hf.losses import cross_entropy
 
 
 def run(model, data, path, loss=cross_entropy, **kw):
-    a = ModelAdapter(model)
+    a = TorchAdapter(model)
     return collect_deltas(
         model,
         "fc1",

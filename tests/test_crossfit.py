@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY_HEAD, SmallCNN
+from conftest import TINY_HEAD, TINY_TRAIN, SmallCNN
 from torch.utils.data import TensorDataset
 
 from ocd_hf import OCDWrapper
@@ -66,7 +66,7 @@ def test_cross_fit_collects_out_of_fold_deltas(tmp_path):
         torch.testing.assert_close(rows["delta"], ref.delta, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(rows["layer_input"], ref.layer_input, atol=1e-6, rtol=1e-5)
         offset += len(fold)
-    assert ocd.config.extra["collection"] == {"mode": "cross_fit", "num_folds": 3}
+    assert ocd.state.collection == {"mode": "cross_fit", "num_folds": 3}
     # resume: finished folds are not retrained
     again = ocd.collect(data, "cross_entropy", collect_dir=tmp_path, cross_fit=train_fn, num_folds=3, progress=False)
     assert len(seen) == 3 and len(again) == 30
@@ -74,9 +74,13 @@ def test_cross_fit_collects_out_of_fold_deltas(tmp_path):
 
 def test_cross_fit_rejects_bad_fold_count(tmp_path):
     ocd = OCDWrapper.from_pretrained(SmallCNN(), layer="fc1", **TINY_HEAD)
-    with pytest.raises(ValueError, match="num_folds must be between 2"):
+    with pytest.raises(ValueError, match="num_folds=1 is out of range"):
         ocd.collect(
             _data(6), "cross_entropy", collect_dir=tmp_path, cross_fit=lambda d: SmallCNN(), num_folds=1, progress=False
+        )
+    with pytest.raises(ValueError, match=r"num_folds must be between 2 and the dataset size \(6\); got 7"):
+        ocd.collect(
+            _data(6), "cross_entropy", collect_dir=tmp_path, cross_fit=lambda d: SmallCNN(), num_folds=7, progress=False
         )
 
 
@@ -99,8 +103,8 @@ def test_delta_store_reads_folders_as_one_and_refuses_mixed_settings(tmp_path):
 def fitted():
     data = _data(48)
     model = _train(data)
-    ocd = OCDWrapper.from_pretrained(model, layer="fc1", num_train_steps=10, **TINY_HEAD)
-    ocd.fit(data, loss="cross_entropy", batch_size=16, progress=False)
+    ocd = OCDWrapper.from_pretrained(model, layer="fc1", **TINY_HEAD)
+    ocd.fit(data, loss="cross_entropy", batch_size=16, num_train_steps=10, **TINY_TRAIN)
     return ocd, _data(40, seed=7)
 
 
@@ -111,7 +115,7 @@ def test_calibrate_switches_off_a_head_that_does_not_help(fitted):
     bad = -_oracle(ocd, val)[None] * 50
     ocd.generate_deltas = lambda cond, num_samples=1, generator=None, delta_scale=None: bad
     res = ocd.calibrate(val, batch_size=64, progress=False)
-    assert res["delta_scale"] == 0.0 and ocd.config.delta_scale == 0.0
+    assert res["delta_scale"] == 0.0 and ocd.delta_scale == 0.0
     assert all(res["mean_loss"][k] > res["mean_loss"]["0.0"] for k in res["mean_loss"] if k != "0.0")
 
 
@@ -123,7 +127,7 @@ def test_calibrate_keeps_a_head_that_helps(fitted):
     ocd.generate_deltas = lambda cond, num_samples=1, generator=None, delta_scale=None: good
     res = ocd.calibrate(val, batch_size=64, progress=False)
     assert res["delta_scale"] > 0 and res["gain_vs_base"] > 2 * res["gain_se"]
-    assert ocd.config.extra["calibration"]["delta_scale"] == res["delta_scale"]
+    assert ocd.state.calibration["delta_scale"] == res["delta_scale"]
 
 
 def _oracle(ocd, ds):
@@ -136,13 +140,13 @@ def test_delta_scale_scales_generated_deltas(fitted):
     cond, _ = ocd.conditioning(x)
     d1 = ocd.generate_deltas(cond, 1, torch.Generator().manual_seed(0))
     half = copy.copy(ocd)
-    half.config = ocd.config.replace(delta_scale=0.5)
+    half.delta_scale = 0.5
     d2 = half.generate_deltas(cond, 1, torch.Generator().manual_seed(0))
     torch.testing.assert_close(d2, 0.5 * d1)
     # a per-call override gives the uncalibrated deltas whatever the config says
     torch.testing.assert_close(half.generate_deltas(cond, 1, torch.Generator().manual_seed(0), delta_scale=1.0), d1)
     off = copy.copy(ocd)
-    off.config = ocd.config.replace(delta_scale=0.0)
+    off.delta_scale = 0.0
     base = ocd.module(x)
     torch.testing.assert_close(off(x), base)
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_HEAD
+from conftest import TINY_HEAD, shapes_for
 
 from ocd_hf.capture import Conditioning
 from ocd_hf.config import OCDConfig
@@ -12,9 +12,7 @@ from ocd_hf.scale import ScaleNet, scale_loss
 
 
 def cfg(shape, **kw):
-    return OCDConfig(
-        layer="x", weight_shape=shape, input_dim=5, activation_dim=shape[0], output_dim=3, **{**TINY_HEAD, **kw}
-    )
+    return OCDConfig(layer="x", **{**TINY_HEAD, **kw})
 
 
 def cond(b, shape, seed=0):
@@ -28,7 +26,7 @@ def cond(b, shape, seed=0):
 @pytest.mark.parametrize("shape", [(10, 84), (84, 120), (7, 3), (6, 2, 3, 3)])
 def test_shapes_and_layout_round_trip(layout, shape):
     torch.manual_seed(0)
-    d = ConditionalUNet1D(cfg(shape, layout=layout))
+    d = ConditionalUNet1D(cfg(shape, layout=layout), shapes_for(shape))
     x = torch.randn(3, *shape)
     seq = d.to_sequence(x)
     assert seq.shape[-1] % 4 == 0
@@ -40,7 +38,7 @@ def test_shapes_and_layout_round_trip(layout, shape):
 def test_conditioning_changes_prediction_and_is_required():
     torch.manual_seed(0)
     shape = (8, 6)
-    d = ConditionalUNet1D(cfg(shape)).eval()
+    d = ConditionalUNet1D(cfg(shape), shapes_for(shape)).eval()
     x = torch.randn(2, *shape)
     a = d(x, 10, cond(2, shape, 0))
     b = d(x, 10, cond(2, shape, 1))
@@ -59,7 +57,7 @@ class ConstantX0(ConditionalUNet1D):
 
 def test_ddim_lands_on_predicted_clean_sample():
     shape = (4, 6)
-    d = ConstantX0(cfg(shape, prediction_type="sample"))
+    d = ConstantX0(cfg(shape, prediction_type="sample"), shapes_for(shape))
     d.target = torch.randn(1, *shape)
     s = make_sampling_scheduler(d_config := cfg(shape, prediction_type="sample"))
     assert s.config.clip_sample is False and d_config.num_inference_steps == 10
@@ -73,7 +71,7 @@ def test_ddim_lands_on_predicted_clean_sample():
 def test_sampling_is_seeded():
     torch.manual_seed(0)
     shape = (5, 4)
-    d = ConditionalUNet1D(cfg(shape))
+    d = ConditionalUNet1D(cfg(shape), shapes_for(shape))
     s = make_sampling_scheduler(cfg(shape))
     a = sample_omega(d, cond(2, shape), s, 10, 3, torch.Generator().manual_seed(7))
     b = sample_omega(d, cond(2, shape), s, 10, 3, torch.Generator().manual_seed(7))
@@ -96,7 +94,7 @@ def test_training_targets(kind):
 
 def test_scale_net_and_loss():
     shape = (6, 4)
-    net = ScaleNet(cfg(shape))
+    net = ScaleNet(cfg(shape), shapes_for(shape))
     net.init_log_scale(-3.0)
     c = cond(5, shape)
     rho = net(c)

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_HEAD, SmallCNN
+from conftest import TINY_HEAD, TINY_TRAIN, SmallCNN
 from torch.utils.data import TensorDataset
 
 from ocd_hf import OCDWrapper
@@ -70,12 +70,12 @@ def test_evaluate_reports_every_row(tmp_path):
     train, val, test = (torch.utils.data.Subset(data, r) for r in (range(32), range(32, 48), range(48, 64)))
     torch.manual_seed(0)
     model = SmallCNN().eval()
-    ocd = OCDWrapper.from_pretrained(model, layer="fc1", num_train_steps=5, **TINY_HEAD)
+    ocd = OCDWrapper.from_pretrained(model, layer="fc1", **TINY_HEAD)
     store = ocd.collect(train, "cross_entropy", collect_dir=tmp_path / "c", progress=False)
-    ocd.train_head(store, progress=False)
-    ocd.config = ocd.config.replace(delta_scale=0.5)
-    alt = OCDWrapper.from_pretrained(model, layer="fc2", num_train_steps=5, **TINY_HEAD).fit(
-        train, "cross_entropy", progress=False
+    ocd.train_head(store, num_train_steps=5, **TINY_TRAIN)
+    ocd.delta_scale = 0.5
+    alt = OCDWrapper.from_pretrained(model, layer="fc2", **TINY_HEAD).fit(
+        train, "cross_entropy", num_train_steps=5, **TINY_TRAIN
     )
     r = evaluate(
         ocd,

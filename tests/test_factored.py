@@ -2,7 +2,7 @@ import resource
 
 import pytest
 import torch
-from conftest import TINY_HEAD
+from conftest import TINY_HEAD, TINY_TRAIN
 from torch import nn
 from torch.utils.data import TensorDataset
 from transformers.pytorch_utils import Conv1D
@@ -91,9 +91,9 @@ def test_token_inputs_sgd_energy_not_measured():
 
 
 def test_wrapper_factored_end_to_end(small_cnn, image_data):
-    ocd = OCDWrapper.from_pretrained(small_cnn, layer="fc1", target="factored", num_train_steps=5, **TINY_HEAD)
-    ocd.fit(image_data, loss="cross_entropy", progress=False)
-    assert ocd.config.target_shape == (24, 1)
+    ocd = OCDWrapper.from_pretrained(small_cnn, layer="fc1", target="factored", **TINY_HEAD)
+    ocd.fit(image_data, loss="cross_entropy", num_train_steps=5, **TINY_TRAIN)
+    assert ocd.shapes.target_shape == (24, 1)
     x = image_data.tensors[0][:4]
     cond, _ = ocd.conditioning(x)
     u = ocd.generate_deltas(cond, 2, torch.Generator().manual_seed(0))
@@ -117,15 +117,22 @@ def test_4096_square_layer_collect_train_generate(tmp_path):
         target="factored",
         overfit_optimizer="sgd",
         overfit_lr=0.01,
-        num_train_steps=3,
-        **{**TINY_HEAD, "train_batch_size": 8},
+        **TINY_HEAD,
     )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ocd.fit(data, loss="cross_entropy", batch_size=16, collect_dir=tmp_path / "c", progress=False)
+    ocd.fit(
+        data,
+        loss="cross_entropy",
+        batch_size=16,
+        collect_dir=tmp_path / "c",
+        num_train_steps=3,
+        train_batch_size=8,
+        progress=False,
+    )
     out = ocd(data.tensors[0][:2], generator=torch.Generator().manual_seed(0))
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert out.shape == (2, 4) and torch.isfinite(out).all()
-    assert ocd.config.target_shape == (4096, 1)
+    assert ocd.shapes.target_shape == (4096, 1)
     # the full deltas of one batch would need 16 * 4096 * 4096 * 4 B = 1 GiB
     assert grown_mib < 1024, f"peak memory grew by {grown_mib:.0f} MiB"
     from ocd_hf.collection import DeltaStore

@@ -7,14 +7,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY_HEAD, SmallCNN
+from conftest import TINY_HEAD, TINY_TRAIN, SmallCNN, shapes_for, shapes_of
 
-from ocd_hf import OCDConfig, OCDWrapper
+from ocd_hf import OCDConfig, OCDTrainingArguments, OCDWrapper
 from ocd_hf.capture import Conditioning
 from ocd_hf.collection import collect_deltas
 from ocd_hf.denoiser import ConditionalUNet1D, drop_condition, null_condition
 from ocd_hf.head import OCDHead
-from ocd_hf.integrations import ModelAdapter
+from ocd_hf.integrations import TorchAdapter
 from ocd_hf.losses import cross_entropy
 from ocd_hf.sampling import make_sampling_scheduler, sample_omega
 from ocd_hf.training import latest_checkpoint, train_head
@@ -22,10 +22,11 @@ from ocd_hf.training import latest_checkpoint, train_head
 SHAPE = (6, 4)
 
 
-def cfg(shape=SHAPE, **kw):
-    return OCDConfig(
-        layer="x", weight_shape=shape, input_dim=5, activation_dim=shape[0], output_dim=3, **{**TINY_HEAD, **kw}
-    )
+SHAPES = shapes_for(SHAPE)
+
+
+def cfg(**kw):
+    return OCDConfig(layer="x", **{**TINY_HEAD, **kw})
 
 
 def cond(b, shape=SHAPE, seed=0):
@@ -90,7 +91,7 @@ def test_null_condition_and_drop_condition():
 
 def test_head_forward_drops_only_the_denoisers_condition():
     torch.manual_seed(0)
-    head = OCDHead(cfg())
+    head = OCDHead(cfg(), SHAPES)
     with torch.no_grad():  # non-trivial statistics, so that "zero after normalisation" is not "zero before"
         for k, d in (("layer_input", 5), ("layer_output", SHAPE[0]), ("model_output", 3)):
             getattr(head, f"{k}_mean").copy_(torch.randn(d))
@@ -129,7 +130,7 @@ def store(tmp_path_factory):
     data = torch.utils.data.TensorDataset(
         torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 5, (40,), generator=g)
     )
-    a = ModelAdapter(model)
+    a = TorchAdapter(model)
     return collect_deltas(
         model,
         "fc2",
@@ -143,23 +144,18 @@ def store(tmp_path_factory):
     )
 
 
-def head_config(store, steps, **kw):
-    s = store[0]
-    return OCDConfig(
-        layer="fc2",
-        weight_shape=store.weight_shape,
-        input_dim=s["layer_input"].numel(),
-        activation_dim=s["layer_output"].numel(),
-        output_dim=s["model_output"].numel(),
-        num_train_steps=steps,
-        **{**TINY_HEAD, **kw},
-    )
+def head_config(store, **kw):
+    return OCDConfig(layer="fc2", **{**TINY_HEAD, **kw})
 
 
-def trained(store, config, **kw):
+def train_args(steps, **kw):
+    return OCDTrainingArguments(num_train_steps=steps, **{**TINY_TRAIN, **kw})
+
+
+def trained(store, config, steps):
     torch.manual_seed(0)
-    head = OCDHead(config)
-    history = train_head(head, store, config, progress=False, **kw)
+    head = OCDHead(config, shapes_of(store))
+    history = train_head(head, store, config, train_args(steps))
     return head, history
 
 
@@ -175,16 +171,16 @@ def _legacy_forward(self, omega_t, timesteps, cond):
 
 
 def test_cond_dropout_zero_trains_exactly_as_before(store, monkeypatch):
-    config = head_config(store, 4)
-    new, h_new = trained(store, config)
+    config = head_config(store)
+    new, h_new = trained(store, config, 4)
     with monkeypatch.context() as m:
         m.setattr(OCDHead, "forward", _legacy_forward)  # a drop argument would raise TypeError here
-        old, h_old = trained(store, config)
+        old, h_old = trained(store, config, 4)
     assert h_new == h_old
     assert_same_heads(new, old)
     # A dropout so small that no sample is dropped: the mask is drawn after every other draw of the
     # step's generator, so noise, timesteps and batches are unchanged and the run is identical too.
-    tiny, h_tiny = trained(store, config.replace(cond_dropout=1e-12))
+    tiny, h_tiny = trained(store, config.replace(cond_dropout=1e-12), 4)
     assert h_tiny == h_old
     assert_same_heads(tiny, old)
 
@@ -209,11 +205,11 @@ class TrainingSpy:
 
 @pytest.mark.parametrize("p", [0.5, 0.999])
 def test_dropped_samples_see_exactly_zero_condition(store, p):
-    config = head_config(store, 3, cond_dropout=p)
+    config = head_config(store, cond_dropout=p)
     torch.manual_seed(0)
-    head = OCDHead(config)
+    head = OCDHead(config, shapes_of(store))
     spy = TrainingSpy(head)
-    train_head(head, store, config, progress=False)
+    train_head(head, store, config, train_args(3))
     spy.remove()
     assert len(spy.encoders.calls) == len(spy.normed) == 3
     dropped = kept = 0
@@ -233,19 +229,20 @@ def test_dropped_samples_see_exactly_zero_condition(store, p):
 
 
 def test_resume_with_cond_dropout_is_exact(store, tmp_path):
-    cfg_ = head_config(store, 12, cond_dropout=0.3)
+    cfg_ = head_config(store, cond_dropout=0.3)
+    args = train_args(12, output_dir=str(tmp_path / "a"), checkpoint_every=6)
     torch.manual_seed(0)
-    straight = OCDHead(cfg_)
-    h1 = train_head(straight, store, cfg_, output_dir=tmp_path / "a", checkpoint_every=6, progress=False)
+    straight = OCDHead(cfg_, shapes_of(store))
+    h1 = train_head(straight, store, cfg_, args)
     assert latest_checkpoint(tmp_path / "a").name == "step-6"
     torch.manual_seed(123)
-    resumed = OCDHead(cfg_)
-    h2 = train_head(resumed, store, cfg_, output_dir=tmp_path / "a", checkpoint_every=6, progress=False)
+    resumed = OCDHead(cfg_, shapes_of(store))
+    h2 = train_head(resumed, store, cfg_, args)
     assert [r["step"] for r in h2] == list(range(7, 13))
     assert [r["denoiser_loss"] for r in h2] == [r["denoiser_loss"] for r in h1[6:]]
     assert_same_heads(straight, resumed)
     # and the dropout did change training (otherwise this test would only repeat the existing one)
-    plain, h3 = trained(store, cfg_.replace(cond_dropout=0.0))
+    plain, h3 = trained(store, cfg_.replace(cond_dropout=0.0), 12)
     assert [r["denoiser_loss"] for r in h3] != [r["denoiser_loss"] for r in h1]
 
 
@@ -254,7 +251,7 @@ def test_resume_with_cond_dropout_is_exact(store, tmp_path):
 def test_guidance_scale_one_is_the_plain_single_pass(kind):
     torch.manual_seed(0)
     config = cfg(prediction_type=kind)
-    d = ConditionalUNet1D(config)
+    d = ConditionalUNet1D(config, SHAPES)
     c = cond(3)
     calls = []
     h = d.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
@@ -275,7 +272,7 @@ def test_guidance_scale_one_is_the_plain_single_pass(kind):
 def test_guidance_equals_hand_combination(kind, w):
     torch.manual_seed(0)
     config = cfg(prediction_type=kind, cond_dropout=0.1)
-    d = ConditionalUNet1D(config)
+    d = ConditionalUNet1D(config, SHAPES)
     c = cond(3)
     calls = []
     h = d.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
@@ -304,7 +301,7 @@ class LinearX0(ConditionalUNet1D):
 def test_guidance_lands_on_extrapolated_prediction():
     config = cfg(prediction_type="sample", cond_dropout=0.2)
     torch.manual_seed(0)
-    d = LinearX0(config)
+    d = LinearX0(config, SHAPES)
     d.a, d.b = torch.randn(1, 1, SHAPE[1]), torch.randn(1, *SHAPE)
     c = cond(3)
     w = 2.5
@@ -317,7 +314,7 @@ def test_guidance_lands_on_extrapolated_prediction():
 def test_guidance_without_dropout_warns_once_but_runs():
     torch.manual_seed(0)
     config = cfg()  # cond_dropout = 0
-    d = ConditionalUNet1D(config)
+    d = ConditionalUNet1D(config, SHAPES)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         out = sample_omega(
@@ -337,10 +334,8 @@ def test_wrapper_uses_guidance_scale_and_round_trips(tmp_path):
     data = torch.utils.data.TensorDataset(
         torch.randn(24, 1, 8, 8, generator=g), torch.randint(0, 5, (24,), generator=g)
     )
-    ocd = OCDWrapper.from_pretrained(
-        model, layer="fc2", num_train_steps=3, cond_dropout=0.25, guidance_scale=2.5, **TINY_HEAD
-    )
-    ocd.fit(data, loss="cross_entropy", batch_size=12, progress=False)
+    ocd = OCDWrapper.from_pretrained(model, layer="fc2", cond_dropout=0.25, guidance_scale=2.5, **TINY_HEAD)
+    ocd.fit(data, loss="cross_entropy", batch_size=12, num_train_steps=3, **TINY_TRAIN)
     x = data.tensors[0][:5]
     cond_, _ = ocd.conditioning(x)
 
@@ -369,7 +364,7 @@ def test_wrapper_uses_guidance_scale_and_round_trips(tmp_path):
         torch.Generator().manual_seed(0),
         guidance_scale=2.5,
     )
-    rho = head.scale_net(normed) * ocd.config.delta_scale
+    rho = head.scale_net(normed) * ocd.delta_scale
     torch.testing.assert_close(guided, (omega * rho.view(1, -1, 1, 1)).to(guided.dtype), atol=0, rtol=0)
     assert (guided - deltas(ocd, 1.0)).abs().max() > 0  # guidance_scale reaches the sampler
 

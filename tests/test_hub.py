@@ -4,6 +4,7 @@ server, every refusal, and atomic saves."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -24,12 +25,13 @@ from torch import nn
 from torch.utils.data import Subset
 
 import ocd_hf
-from ocd_hf import OCDConfig, OCDWrapper
+from ocd_hf import OCDConfig, OCDWrapper, serialization
 from ocd_hf import hub as ocd_hub
-from ocd_hf.constants import CONFIG_NAME, HEAD_NAME, MODEL_CARD_NAME
+from ocd_hf.card import build_model_card
+from ocd_hf.constants import CONFIG_NAME, HEAD_NAME, MODEL_CARD_NAME, STATE_NAME
 from ocd_hf.demo import LeNetDigits, load_digits_split, train_base
 from ocd_hf.evaluation import evaluate
-from ocd_hf.wrapper import layer_fingerprint
+from ocd_hf.layers import layer_fingerprint
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 REPO = "user/ocd-digits"
@@ -46,13 +48,12 @@ def trained(tmp_path_factory):
     ocd = OCDWrapper.from_pretrained(
         model,
         layer="fc2",
-        num_train_steps=20,
         block_out_channels=(16, 16, 32),
         cond_hidden_dim=32,
         scale_hidden_dim=32,
         norm_num_groups=8,
     )
-    ocd.fit(Subset(train, range(128)), loss="cross_entropy", progress=False)
+    ocd.fit(Subset(train, range(128)), loss="cross_entropy", num_train_steps=20, progress=False)
     folder = Path(ocd.save_pretrained(tmp_path_factory.mktemp("saved") / "ocd-digits"))
     x = test.tensors[0][:16]
     yield SimpleNamespace(model=model, ocd=ocd, folder=folder, x=x, test=test)
@@ -71,16 +72,21 @@ def copy_head(src: Path, dst: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- format
 def test_saved_folder_format(trained):
     folder = trained.folder
-    assert sorted(os.listdir(folder)) == sorted([CONFIG_NAME, HEAD_NAME, MODEL_CARD_NAME])
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_NAME, STATE_NAME, HEAD_NAME, MODEL_CARD_NAME])
     raw = json.loads((folder / CONFIG_NAME).read_text())
-    assert raw["library_version"] == ocd_hf.__version__
-    assert raw["layer"] == "fc2" and raw["weight_shape"] == [84, 120]
-    assert raw["layer_fingerprint"] == layer_fingerprint(trained.model.fc2.weight)
-    assert raw["loss"] == "cross_entropy" and raw["task"] == "classification"
-    assert raw["denoiser_config"]["_class_name"] == "UNet1DModel"
-    assert raw["denoiser_config"]["block_out_channels"] == [16, 16, 32]
-    assert raw["scheduler_config"]["_class_name"] == "DDIMScheduler"
-    assert raw["scheduler_config"]["clip_sample"] is False
+    # the config holds settings only: no shapes, provenance or fitted values
+    assert raw["layer"] == "fc2" and raw["loss"] == "cross_entropy" and raw["task"] == "classification"
+    assert not {"weight_shape", "layer_fingerprint", "delta_scale", "target_std", "extra"} & set(raw)
+    state = json.loads((folder / STATE_NAME).read_text())
+    assert state["format_version"] == serialization.FORMAT_VERSION
+    assert state["provenance"]["library_version"] == ocd_hf.__version__
+    assert state["shapes"]["weight_shape"] == [84, 120]
+    assert state["provenance"]["layer_fingerprint"] == layer_fingerprint(trained.model.fc2.weight)
+    assert state["fitted"]["delta_scale"] == 1.0 and state["fitted"]["target_std"] > 0
+    assert state["denoiser_config"]["_class_name"] == "UNet1DModel"
+    assert state["denoiser_config"]["block_out_channels"] == [16, 16, 32]
+    assert state["scheduler_config"]["_class_name"] == "DDIMScheduler"
+    assert state["scheduler_config"]["clip_sample"] is False
     with safe_open(folder / HEAD_NAME, "pt") as f:
         assert f.metadata() == {"format": "pt"}
         assert set(f.keys()) == set(trained.ocd.head.state_dict())
@@ -99,10 +105,12 @@ def test_model_card_with_evaluation_and_hub_base_model(trained, tmp_path):
     assert "## Evaluation" in card.text and "| OCD x2 |" in card.text
     assert card.data.metrics == ["cross_entropy", "accuracy", "ece"]
 
-    cfg = trained.ocd.config.replace(
-        base_model="sentence-transformers/all-MiniLM-L6-v2", base_model_library="transformers"
+    o = trained.ocd
+    record = serialization.make_record(o.config, o.shapes, o.provenance, o.state, o.head, o.layer)
+    record.provenance = dataclasses.replace(
+        record.provenance, base_model="sentence-transformers/all-MiniLM-L6-v2", base_model_library="transformers"
     )
-    card = ocd_hub.build_model_card(cfg, repo_id="user/ocd-minilm")
+    card = build_model_card(record, repo_id="user/ocd-minilm")
     assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
     assert 'OCDWrapper.from_pretrained(model, "user/ocd-minilm")' in card.text
 
@@ -115,12 +123,11 @@ def test_local_round_trip_is_exact(trained, tmp_path):
     ref, got = trained.ocd.head.state_dict(), loaded.head.state_dict()
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     stored = OCDConfig.from_dict(json.loads((trained.folder / CONFIG_NAME).read_text()))
-    assert loaded.config == stored
-    assert (
-        loaded.config.replace(library_version=None, denoiser_config=None, scheduler_config=None) == trained.ocd.config
-    )
+    assert loaded.config == stored == trained.ocd.config
+    assert loaded.shapes == trained.ocd.shapes and loaded.state == trained.ocd.state
+    assert loaded.provenance.layer_fingerprint == layer_fingerprint(trained.model.fc2.weight)
     assert not loaded.head.training
-    assert loaded.config.loss == "cross_entropy" and loaded._loss_fn is not None
+    assert loaded.config.loss == "cross_entropy" and loaded.loss_fn is not None
     # Loading does not consume the caller's random numbers.
     torch.manual_seed(5)
     a = torch.rand(3)
@@ -131,6 +138,7 @@ def test_local_round_trip_is_exact(trained, tmp_path):
     again = Path(loaded.save_pretrained(tmp_path / "again"))
     assert (again / HEAD_NAME).read_bytes() == (trained.folder / HEAD_NAME).read_bytes()
     assert (again / CONFIG_NAME).read_text() == (trained.folder / CONFIG_NAME).read_text()
+    assert (again / STATE_NAME).read_text() == (trained.folder / STATE_NAME).read_text()
 
 
 def test_layer_or_config_with_pretrained_head_refused(trained):
@@ -259,8 +267,8 @@ def test_push_to_hub_then_load_in_fresh_process(trained, tmp_path):
         assert repo.messages[first_sha] == "first head" and repo.messages[repo.refs["exp"]] == "on a branch"
         assert repo.messages[repo.refs["refs/pr/1"]] == ocd_hub.DEFAULT_COMMIT_MESSAGE
         # One commit per push, each with the three files sent inline.
-        assert len(repo.commits) == 4 and repo.upload_modes == ["regular"] * 9
-        assert set(repo.commits[first_sha]) == {".gitattributes", CONFIG_NAME, HEAD_NAME, MODEL_CARD_NAME}
+        assert len(repo.commits) == 4 and repo.upload_modes == ["regular"] * 12
+        assert set(repo.commits[first_sha]) == {".gitattributes", CONFIG_NAME, STATE_NAME, HEAD_NAME, MODEL_CARD_NAME}
         assert repo.commits[first_sha][HEAD_NAME] == (trained.folder / HEAD_NAME).read_bytes()
         assert 'from_pretrained(model, "user/ocd-digits")' in repo.commits[first_sha][MODEL_CARD_NAME].decode()
 
@@ -385,9 +393,9 @@ def test_unknown_config_key_warns_and_loads(trained, tmp_path):
 
 def test_changed_diffusers_config_warns(trained, tmp_path):
     folder = copy_head(trained.folder, tmp_path / "sched")
-    raw = json.loads((folder / CONFIG_NAME).read_text())
+    raw = json.loads((folder / STATE_NAME).read_text())
     raw["scheduler_config"]["timestep_spacing"] = "leading"
-    (folder / CONFIG_NAME).write_text(json.dumps(raw))
+    (folder / STATE_NAME).write_text(json.dumps(raw))
     with pytest.warns(UserWarning, match="DDIMScheduler config.*timestep_spacing"):
         OCDWrapper.from_pretrained(trained.model, folder)
 
@@ -410,7 +418,7 @@ def test_crash_during_save_leaves_no_half_written_head(trained, tmp_path, monkey
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ocd_hub, "save_file", crash)
+    monkeypatch.setattr(serialization, "save_file", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         trained.ocd.save_pretrained(target)
     assert not target.exists() and leftovers(tmp_path) == []
@@ -418,7 +426,7 @@ def test_crash_during_save_leaves_no_half_written_head(trained, tmp_path, monkey
     monkeypatch.undo()
     trained.ocd.save_pretrained(target)
     before = {name: (target / name).read_bytes() for name in os.listdir(target)}
-    monkeypatch.setattr(ocd_hub, "save_file", crash)
+    monkeypatch.setattr(serialization, "save_file", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         trained.ocd.save_pretrained(target)
     assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before

@@ -18,12 +18,11 @@ from conftest import TINY_HEAD
 from torch import nn
 
 from ocd_hf import OCDWrapper
-from ocd_hf.integrations import get_adapter
-from ocd_hf.integrations.base import detect_family
+from ocd_hf.integrations import detect_family, get_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-FIT = dict(num_train_steps=5, **TINY_HEAD)
+FIT = dict(num_train_steps=5, train_batch_size=16)  # training arguments of the tiny heads
 TEXTS = [
     "great dress, fits perfectly",
     "terrible fabric, sent it back",
@@ -343,12 +342,13 @@ class Rows(torch.utils.data.Dataset):
 
 def test_fit_generate_transformers_auto_layer(bert, text_dataset):
     ocd = OCDWrapper.from_pretrained(
-        bert, layer="auto", selection_kwargs={"num_perturbations": 8, "max_samples": 6}, **FIT
+        bert, layer="auto", selection_kwargs={"num_perturbations": 8, "max_samples": 6}, **TINY_HEAD
     )
-    ocd.fit(Rows(text_dataset), batch_size=6, progress=False)  # loss from the integration
+    ocd.fit(Rows(text_dataset), batch_size=6, progress=False, **FIT)  # loss from the integration
     c = ocd.config
     assert c.layer in ocd.adapter.candidate_layers() and c.loss == "cross_entropy"
-    assert c.base_model_library == "transformers" and c.base_model == "BertForSequenceClassification"
+    p = ocd.provenance
+    assert p.base_model_library == "transformers" and p.base_model == "BertForSequenceClassification"
     batch = ocd.adapter.collate_fn()([text_dataset[i] for i in range(4)])
     inputs, _ = ocd.adapter.split_batch(batch)
     cond, _ = ocd.conditioning(inputs)
@@ -358,9 +358,9 @@ def test_fit_generate_transformers_auto_layer(bert, text_dataset):
 
 def test_fit_generate_timm(resnet):
     x, y = image_batch(12, size=32, classes=3)
-    ocd = OCDWrapper.from_pretrained(resnet, layer="fc", **FIT)
-    ocd.fit(torch.utils.data.TensorDataset(x, y), batch_size=6, progress=False)
-    assert ocd.config.base_model_library == "timm" and ocd.config.task == "classification"
+    ocd = OCDWrapper.from_pretrained(resnet, layer="fc", **TINY_HEAD)
+    ocd.fit(torch.utils.data.TensorDataset(x, y), batch_size=6, progress=False, **FIT)
+    assert ocd.provenance.base_model_library == "timm" and ocd.config.task == "classification"
     assert ocd(x[:2]).shape == (2, 3)
 
 
@@ -368,9 +368,11 @@ def test_fit_predict_setfit_lr(setfit_lr, tmp_path):
     from datasets import Dataset
 
     ds = Dataset.from_dict({"text": TEXTS, "label": RATINGS})
-    ocd = OCDWrapper.from_pretrained(setfit_lr, layer="model_head", **FIT).fit(ds, batch_size=6, progress=False)
-    c = ocd.config
-    assert c.base_model_library == "setfit" and c.weight_shape == (3, 384) and c.output_dim == 3
+    ocd = OCDWrapper.from_pretrained(setfit_lr, layer="model_head", **TINY_HEAD).fit(
+        ds, batch_size=6, progress=False, **FIT
+    )
+    assert ocd.provenance.base_model_library == "setfit"
+    assert ocd.shapes.weight_shape == (3, 384) and ocd.shapes.output_dim == 3
     probs = ocd.predict_proba(TEXTS[:5], num_samples=2)
     assert probs.shape == (5, 3)
     torch.testing.assert_close(probs.sum(-1), torch.ones(5), atol=1e-5, rtol=0)
@@ -384,8 +386,8 @@ def test_fit_predict_setfit_lr(setfit_lr, tmp_path):
 
 def test_fit_predict_setfit_differentiable_head(setfit_diff):
     data = [(t, r // 2) for t, r in zip(TEXTS, RATINGS)]  # (text, label) pairs; labels 0..2
-    ocd = OCDWrapper.from_pretrained(setfit_diff, layer="model_head.linear", **FIT).fit(
-        data, batch_size=6, progress=False
+    ocd = OCDWrapper.from_pretrained(setfit_diff, layer="model_head.linear", **TINY_HEAD).fit(
+        data, batch_size=6, progress=False, **FIT
     )
     preds = ocd.predict(TEXTS[:3])
     assert isinstance(preds, list) and set(preds) <= {"neg", "mid", "pos"}

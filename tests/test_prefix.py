@@ -1,7 +1,7 @@
 """Prefix reuse: later passes skip the layers before the target and give the same outputs."""
 
 import torch
-from conftest import TINY_HEAD
+from conftest import TINY_HEAD, TINY_TRAIN
 from torch import nn
 
 from ocd_hf import OCDWrapper
@@ -86,8 +86,8 @@ def test_wrapper_forward_same_with_and_without_reuse():
     m = _model()
     g = torch.Generator().manual_seed(3)
     data = torch.utils.data.TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
-    ocd = OCDWrapper.from_pretrained(m, layer="target", num_train_steps=3, **TINY_HEAD).fit(
-        data, "cross_entropy", progress=False
+    ocd = OCDWrapper.from_pretrained(m, layer="target", **TINY_HEAD).fit(
+        data, "cross_entropy", num_train_steps=3, **TINY_TRAIN
     )
     x = data.tensors[0][:9]
     m.pre.runs = 0

@@ -165,9 +165,9 @@ def test_a_batch_the_model_cannot_run_is_reported_as_such(toy):
 
 
 def test_layers_the_adapter_leaves_out_are_dropped(toy):
-    from ocd_hf.integrations import ModelAdapter
+    from ocd_hf.integrations import TorchAdapter
 
-    class NoSmall(ModelAdapter):
+    class NoSmall(TorchAdapter):
         def candidate_layers(self):
             return {n: m for n, m in super().candidate_layers().items() if n != "small"}
 
@@ -288,7 +288,7 @@ def test_wrapper_auto_with_selection_data_stores_the_resolved_name(toy):
     )
     assert ocd.config.layer == "big" and ocd.layer is toy.big
     assert ocd.selection_report.winner == "big" and ocd.selection_report.runner_up == "small"
-    assert ocd.config.extra["selection"]["winner"] == "big"
+    assert ocd.state.selection["winner"] == "big"
     assert '"layer": "big"' in ocd.config.to_json_string()
 
 
@@ -311,7 +311,7 @@ def test_wrapper_auto_list_restricts_and_auto_without_data_defers_to_collect(toy
     assert deferred.config.layer == "big" and deferred.selection_report.num_samples == 20
     assert len(store) == 20 and tuple(store.weight_shape) == (3, 4)
 
-    with pytest.raises(ValueError, match="only with layer='auto'"):
+    with pytest.raises(ValueError, match="selection_data needs layer='auto'"):
         OCDWrapper.from_pretrained(toy, layer="big", selection_data=toy_batch(), loss="mse")
 
 

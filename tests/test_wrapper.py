@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import TINY_HEAD
+from conftest import TINY_HEAD, TINY_TRAIN
 from torch.utils.data import TensorDataset
 
 from ocd_hf import OCDWrapper
@@ -15,16 +15,16 @@ def fitted(tmp_path_factory):
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(48, 1, 8, 8, generator=g), torch.randint(0, 5, (48,), generator=g))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ocd = OCDWrapper.from_pretrained(model, layer="fc1", num_train_steps=15, **TINY_HEAD)
-    ocd.fit(data, loss="cross_entropy", batch_size=16, progress=False)
+    ocd = OCDWrapper.from_pretrained(model, layer="fc1", **TINY_HEAD)
+    ocd.fit(data, loss="cross_entropy", batch_size=16, num_train_steps=15, **TINY_TRAIN)
     return ocd, model, data, before
 
 
 def test_fit_sets_config_and_leaves_model_untouched(fitted):
     ocd, model, data, before = fitted
-    c = ocd.config
-    assert c.weight_shape == (24, 64) and c.input_dim == 64 and c.activation_dim == 24 and c.output_dim == 5
-    assert c.task == "classification" and c.loss == "cross_entropy" and len(c.layer_fingerprint) == 64
+    c, s = ocd.config, ocd.shapes
+    assert s.weight_shape == (24, 64) and s.input_dim == 64 and s.activation_dim == 24 and s.output_dim == 5
+    assert c.task == "classification" and c.loss == "cross_entropy" and len(ocd.provenance.layer_fingerprint) == 64
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], atol=0, rtol=0)
     assert not any(m._forward_hooks for m in model.modules())

@@ -1,17 +1,32 @@
-"""`OCDConfig`: every setting of an OCD head, serialisable to `ocd_config.json`."""
+"""`OCDConfig`: the settings of one OCD head, serialised as `ocd_config.json`.
+
+Only what a user chooses lives here. What training finds out (shapes, the calibrated `delta_scale`,
+the targets' spread) is in `ocd_hf.state`; how to run the training loop is `OCDTrainingArguments`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args, get_origin
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-LAYOUTS = ("rows", "cols")
-OPTIMIZERS = ("adam", "sgd")
-TARGETS = ("full", "factored")
+PredictionType = Literal["epsilon", "sample", "v_prediction"]
+Layout = Literal["rows", "cols"]
+Optimizer = Literal["adam", "sgd"]
+Target = Literal["full", "factored"]
+Task = Literal["classification", "regression"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+Pooling = Literal["mean"]
+
+AUTO = "auto"
+
+
+class ConfigError(ValueError):
+    """A setting with the wrong type or an out-of-range value; the message names the key and the file."""
 
 
 @dataclass
@@ -20,114 +35,159 @@ class OCDConfig:
 
     Overfitting defaults follow the paper's official code (3 Adam steps at lr 5e-4 on the weight only).
     The denoiser predicts the clean sample by default: an epsilon-predicting denoiser collapsed on every
-    CPU-sized run we measured (see docs/concepts.md).
+    CPU-sized run we measured (docs/concepts.md).
+
+    Args:
+        layer: Name of the layer whose weight is generated (`model.get_submodule(layer)`), or "auto" to
+            choose it by the paper's entropy criterion (docs/selection.md).
+        task: "classification" (ensembles average probabilities) or "regression" (they average outputs).
+            Filled from the loss when left unset.
+        loss: "cross_entropy" or "mse"; a callable loss is given to `fit` instead and is not saved.
+        target: "full" generates the whole weight delta (the paper); "factored" generates u ∈ R^out with
+            Δ = u v̂ᵀ, v̂ the normalised layer input (docs/factored.md).
+        overfit_steps: Optimizer steps per sample when collecting deltas (Alg. 1).
+        overfit_lr: Learning rate of those steps.
+        overfit_optimizer: "adam" or "sgd".
+        overfit_bias: Also overfit the layer's bias (the paper does not).
+        pooling: How token / spatial dims of the conditioning are pooled (docs/concepts.md).
+        prediction_type: What the denoiser predicts: "sample" (x0), "epsilon" or "v_prediction".
+        num_train_timesteps: Diffusion steps of the training schedule.
+        num_inference_steps: DDIM steps when sampling.
+        beta_schedule: The diffusers beta schedule.
+        cond_dropout: Probability of training the denoiser on the null condition (classifier-free guidance).
+        guidance_scale: Sampling mixes uncond + guidance_scale·(cond − uncond); 1 is plain sampling.
+        layout: How the weight matrix is laid out for the 1-D U-Net: "rows" (rows are the sequence, columns
+            the channels) or "cols" (the transpose).
+        block_out_channels: Channels of the U-Net's down blocks.
+        layers_per_block: Resnet layers per U-Net block.
+        norm_num_groups: GroupNorm groups in the U-Net.
+        cond_hidden_dim: Hidden width of the conditioning encoders E_i, E_a, E_o.
+        scale_hidden_dim: Hidden width of the scale net ρ.
     """
 
     layer: str | None = None
-    # "classification" (probability-averaged ensembles) or "regression" (output-averaged)
-    task: str | None = None
+    task: Task | None = None
     loss: str | None = None
-    # "full": generate the whole weight delta (the paper). "factored": generate u ∈ R^out with
-    # Δ = u v̂ᵀ, v̂ the normalised layer input (Linear / Conv1D layers; see docs/factored.md)
-    target: str = "full"
-    # overfitting (Alg. 1)
+    target: Target = "full"
     overfit_steps: int = 3
     overfit_lr: float = 5e-4
-    overfit_optimizer: str = "adam"
+    overfit_optimizer: Optimizer = "adam"
     overfit_bias: bool = False
-    # conditioning I(x): how token / spatial dims are pooled
-    pooling: str = "mean"
-    # diffusion
-    prediction_type: str = "sample"
+    pooling: Pooling = "mean"
+    prediction_type: PredictionType = "sample"
     num_train_timesteps: int = 1000
     num_inference_steps: int = 10
-    beta_schedule: str = "linear"
-    # classifier-free guidance: the conditioning is dropped with this probability while training, and
-    # sampling mixes conditional and unconditional predictions, uncond + guidance_scale·(cond − uncond)
+    beta_schedule: BetaSchedule = "linear"
     cond_dropout: float = 0.0
     guidance_scale: float = 1.0
-    # shrink applied to every generated delta (0 turns OCD off); `OCDWrapper.calibrate` picks it on
-    # validation data so that the shipped head does not make the base model worse there
-    delta_scale: float = 1.0
-    # denoiser (diffusers UNet1DModel, Resnet blocks); layout "rows": weight rows are the sequence,
-    # columns the channels (measured ~260x faster than one flat sequence on CPU, see docs/concepts.md)
-    layout: str = "rows"
+    layout: Layout = "rows"
     block_out_channels: tuple[int, ...] = (64, 64, 128)
     layers_per_block: int = 1
     norm_num_groups: int = 8
     cond_hidden_dim: int = 128
-    # scale net
     scale_hidden_dim: int = 128
-    # training
-    learning_rate: float = 1e-3
-    train_batch_size: int = 64
-    num_train_steps: int = 2000
-    ema_decay: float = 0.995
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    # filled when the head is built (shapes of the target layer and the conditioning vectors)
-    weight_shape: tuple[int, ...] | None = None
-    target_shape: tuple[int, ...] | None = None
-    input_dim: int | None = None
-    activation_dim: int | None = None
-    output_dim: int | None = None
-    # provenance, filled by the wrapper
-    base_model: str | None = None
-    base_model_revision: str | None = None
-    base_model_library: str | None = None
-    layer_fingerprint: str | None = None
-    target_std: float | None = None
-    library_version: str | None = None
-    # filled at save: the diffusers UNet1DModel and DDIM scheduler configs the head was built with
-    denoiser_config: dict[str, Any] | None = None
-    scheduler_config: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.layer == "auto":
-            # "auto" is resolved by selection before a config is stored; keep the marker only in memory.
-            pass
-        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        _check_choice("layout", self.layout, LAYOUTS)
-        _check_choice("overfit_optimizer", self.overfit_optimizer, OPTIMIZERS)
-        _check_choice("target", self.target, TARGETS)
-        if not 0.0 <= self.cond_dropout < 1.0:
-            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}.")
-        if self.delta_scale < 0:
-            raise ValueError(f"delta_scale must be >= 0, got {self.delta_scale}.")
-        if self.overfit_steps < 1:
-            raise ValueError(f"overfit_steps must be >= 1, got {self.overfit_steps}.")
-        self.block_out_channels = tuple(self.block_out_channels)
-        if self.weight_shape is not None:
-            self.weight_shape = tuple(self.weight_shape)
-        if self.target_shape is not None:
-            self.target_shape = tuple(self.target_shape)
-        elif self.weight_shape is not None and self.target == "full":
-            self.target_shape = self.weight_shape
+        if isinstance(self.block_out_channels, list):
+            self.block_out_channels = tuple(self.block_out_channels)
+        check_fields(self)
+        ranges = {
+            "overfit_steps": self.overfit_steps >= 1,
+            "overfit_lr": self.overfit_lr > 0,
+            "num_train_timesteps": self.num_train_timesteps >= 2,
+            "num_inference_steps": 1 <= self.num_inference_steps <= self.num_train_timesteps,
+            "cond_dropout": 0.0 <= self.cond_dropout < 1.0,
+            "block_out_channels": len(self.block_out_channels) >= 1 and min(self.block_out_channels) >= 1,
+            "layers_per_block": self.layers_per_block >= 1,
+            "norm_num_groups": self.norm_num_groups >= 1
+            and all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+            "cond_hidden_dim": self.cond_hidden_dim >= 1,
+            "scale_hidden_dim": self.scale_hidden_dim >= 1,
+        }
+        bad = [k for k, ok in ranges.items() if not ok]
+        if bad:
+            k = bad[0]
+            raise ConfigError(f"OCDConfig.{k}={getattr(self, k)!r} is out of range ({RANGE_HINTS[k]}).")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return d
+        """Plain JSON values (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> OCDConfig:
-        """Build from a dict; keys this version does not know are dropped with a warning."""
+    def from_dict(cls, d: dict[str, Any], *, source: str = "a config dict") -> OCDConfig:
+        """Build from a dict; unknown keys are dropped with a warning, bad values raise naming `source`."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            warnings.warn(f"OCDConfig: ignoring unknown keys {unknown} (written by a newer ocd_hf?)", stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in known})
+            warnings.warn(f"OCDConfig: ignoring unknown keys {unknown} in {source}.", stacklevel=2)
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def replace(self, **changes: Any) -> OCDConfig:
+        """A copy with `changes` applied (validated like a new config)."""
         return dataclasses.replace(self, **changes)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}.")
+RANGE_HINTS = {
+    "overfit_steps": ">= 1",
+    "overfit_lr": "> 0",
+    "num_train_timesteps": ">= 2",
+    "num_inference_steps": "between 1 and num_train_timesteps",
+    "cond_dropout": "in [0, 1)",
+    "block_out_channels": "at least one block, each >= 1 channel",
+    "layers_per_block": ">= 1",
+    "norm_num_groups": ">= 1 and dividing every entry of block_out_channels",
+    "cond_hidden_dim": ">= 1",
+    "scale_hidden_dim": ">= 1",
+}
+
+
+def check_fields(obj: Any) -> None:
+    """Raise `ConfigError` for a dataclass field whose value does not match its annotation."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _matches(value, hints[f.name]):
+            raise ConfigError(
+                f"{type(obj).__name__}.{f.name}={value!r} is not a valid value; expected {_describe(hints[f.name])}."
+            )
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return value in get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is tuple:
+        item = get_args(tp)[0]
+        return isinstance(value, tuple) and all(_matches(v, item) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is Any:
+        return True
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + str(list(get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is tuple:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))

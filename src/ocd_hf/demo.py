@@ -17,8 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from . import OCDWrapper
 from .evaluation import evaluate
+from .trainer import OCDTrainer
+from .training_args import OCDTrainingArguments
+from .wrapper import OCDWrapper
 
 
 class LeNetDigits(nn.Module):
@@ -89,16 +91,15 @@ def main(argv: list[str] | None = None) -> None:
         f"digits: {len(train)} train / {len(val)} validation / {len(test)} test; base model trained in {time.perf_counter() - t0:.1f}s"
     )
 
-    kwargs = {"seed": args.seed, "num_train_steps": args.steps}
-    if args.prediction_type:
-        kwargs["prediction_type"] = args.prediction_type
-    ocd = OCDWrapper.from_pretrained(model, layer=args.layer, **kwargs)
+    config = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+    ocd = OCDWrapper.from_pretrained(model, layer=args.layer, **config)
+    trainer = OCDTrainer(ocd, OCDTrainingArguments(num_train_steps=args.steps, seed=args.seed), loss="cross_entropy")
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory() as deltas:
-        # fit(train, eval_dataset=val) in three steps, to keep the collection for the nearest-neighbour row
-        store = ocd.collect(train, loss="cross_entropy", collect_dir=deltas)
-        ocd.train_head(store)
-        calibration = ocd.calibrate(val)
+        # trainer.train(train, eval_dataset=val) in three steps, to keep the collection for the nearest-neighbour row
+        store = trainer.collect(train, deltas)
+        trainer.train_head(store)
+        calibration = trainer.calibrate(val)
         print(
             f"collected deltas, trained the head and calibrated in {time.perf_counter() - t1:.1f}s; "
             f"delta_scale {calibration['delta_scale']} (validation gain over base {calibration['gain_vs_base']:.4f} ± {calibration['gain_se']:.4f} SE)"

@@ -23,6 +23,7 @@ from torch import nn
 
 from .capture import Conditioning
 from .config import OCDConfig
+from .state import HeadShapes
 
 
 class ConditionEncoder(nn.Module):
@@ -58,14 +59,10 @@ def matrix_shape(weight_shape: tuple[int, ...]) -> tuple[int, int]:
 class ConditionalUNet1D(nn.Module):
     """Predicts (per `prediction_type`) noise, clean sample or velocity for normalised deltas Ω."""
 
-    def __init__(self, config: OCDConfig):
+    def __init__(self, config: OCDConfig, shapes: HeadShapes):
         super().__init__()
-        if config.target_shape is None or config.input_dim is None:
-            raise ValueError(
-                "OCDConfig.target_shape and the conditioning dims must be set before building the denoiser."
-            )
         # the generated tensor: the weight's shape, or (out, 1) for target="factored"
-        self.weight_shape = tuple(config.target_shape)
+        self.weight_shape = tuple(shapes.target_shape)
         rows, cols = matrix_shape(self.weight_shape)
         self.transpose = config.layout == "cols"
         channels, length = (rows, cols) if self.transpose else (cols, rows)
@@ -92,9 +89,9 @@ class ConditionalUNet1D(nn.Module):
         )
         emb = config.block_out_channels[0]
         h = config.cond_hidden_dim
-        self.enc_input = ConditionEncoder(config.input_dim, h, emb)
-        self.enc_activation = ConditionEncoder(config.activation_dim, h, emb)
-        self.enc_output = ConditionEncoder(config.output_dim, h, emb)
+        self.enc_input = ConditionEncoder(shapes.input_dim, h, emb)
+        self.enc_activation = ConditionEncoder(shapes.activation_dim, h, emb)
+        self.enc_output = ConditionEncoder(shapes.output_dim, h, emb)
         # the condition dropout this denoiser was built (and trained) with: guidance warns when it is 0
         self.cond_dropout = float(config.cond_dropout)
         self._cond: torch.Tensor | None = None

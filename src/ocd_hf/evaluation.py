@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .collection import DeltaStore
+from .ensemble import combine_draws
 from .losses import cross_entropy
 from .overfit import overfit_all_layers, overfit_batch
 from .prefix import reuse_prefix
-from .wrapper import combine_draws
 
 
 @dataclass
@@ -199,7 +199,7 @@ def evaluate(
     def meter(name: str) -> _Meter:
         return rows.setdefault(name, _Meter(task))
 
-    extra: dict[str, Any] = {"delta_scale": c.delta_scale}
+    extra: dict[str, Any] = {"delta_scale": ocd.delta_scale}
     temperature = knn = None
     # one pass over the validation set serves both the temperature and kNN's choice of k
     val_feats, val_out, val_y = _embed(ocd, validation, batch_size) if validation is not None else (None, None, None)
@@ -235,7 +235,7 @@ def evaluate(
             ocd.layer,
             inputs,
             targets,
-            ocd._loss_fn,
+            ocd.loss_fn,
             adapter.forward,
             c.overfit_steps,
             c.overfit_lr,
@@ -246,14 +246,14 @@ def evaluate(
         meter("oracle, this layer (test label)").add(ocd.forward_with_deltas(inputs, oracle), targets)
         # raw deltas, so that the uncalibrated row exists even at delta_scale 0
         raw_all = ocd.generate_deltas(cond, num_samples, gen, delta_scale=1.0)
-        deltas = raw_all * c.delta_scale
+        deltas = raw_all * ocd.delta_scale
         omega_std.append(ocd.last_health.omega_std)
         outs = torch.stack([ocd.forward_with_deltas(inputs, d) for d in deltas])
         meter("OCD").add(outs[0], targets)
         meter(f"OCD x{num_samples}").add(combine_draws(outs, task), targets)
         meter(f"OCD mean-weights x{num_samples}").add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
         raw = raw_all[0]
-        if c.delta_scale != 1.0:
+        if ocd.delta_scale != 1.0:
             meter("OCD at delta_scale 1").add(ocd.forward_with_deltas(inputs, raw), targets)
         cos.setdefault("OCD (1 draw)", []).append(_cosine(raw, oracle))
         if collection is not None:
@@ -283,7 +283,7 @@ def evaluate(
                 ocd.module,
                 inputs,
                 targets,
-                ocd._loss_fn,
+                ocd.loss_fn,
                 adapter.forward,
                 c.overfit_steps,
                 c.overfit_lr,
@@ -295,8 +295,8 @@ def evaluate(
             alt_delta = alternative.generate_deltas(alt_cond, 1, alt_gen)[0]
             meter(f"OCD on {alternative.config.layer}").add(alternative.forward_with_deltas(inputs, alt_delta), targets)
     health = {}
-    if c.target_std:
-        health = {"omega_std": sum(omega_std) / len(omega_std), "target_std": float(c.target_std)}
+    if ocd.state.target_std:
+        health = {"omega_std": sum(omega_std) / len(omega_std), "target_std": float(ocd.state.target_std)}
         health["ratio"] = health["omega_std"] / health["target_std"]
     return EvaluationReport(
         task=task,

@@ -11,28 +11,37 @@ from torch import nn
 from .capture import Conditioning
 from .config import OCDConfig
 from .denoiser import ConditionalUNet1D, drop_condition
+from .health import SampleHealth, check_samples
+from .sampling import make_sampling_scheduler, sample_omega
 from .scale import ScaleNet
+from .state import HeadShapes
 
 _COND_KEYS = ("layer_input", "layer_output", "model_output")
 NORM_CLIP = 10.0
 
 
 class OCDHead(nn.Module):
-    def __init__(self, config: OCDConfig):
+    """Denoiser, scale net and the conditioning's normalisation statistics of one head.
+
+    Args:
+        config: The head's settings (network sizes, layout).
+        shapes: The target layer's and the conditioning's shapes.
+    """
+
+    def __init__(self, config: OCDConfig, shapes: HeadShapes):
         super().__init__()
-        self.config = config
-        self.denoiser = ConditionalUNet1D(config)
-        self.scale_net = ScaleNet(config)
+        self.denoiser = ConditionalUNet1D(config, shapes)
+        self.scale_net = ScaleNet(config, shapes)
         dims = {
-            "layer_input": config.input_dim,
-            "layer_output": config.activation_dim,
-            "model_output": config.output_dim,
+            "layer_input": shapes.input_dim,
+            "layer_output": shapes.activation_dim,
+            "model_output": shapes.output_dim,
         }
         for key, d in dims.items():
             self.register_buffer(f"{key}_mean", torch.zeros(d))
             self.register_buffer(f"{key}_std", torch.ones(d))
         # The mean training delta: the "same delta for every sample" control and a sanity baseline.
-        self.register_buffer("mean_delta", torch.zeros(*config.target_shape))
+        self.register_buffer("mean_delta", torch.zeros(*shapes.target_shape))
 
     def normalize(self, cond: Conditioning) -> Conditioning:
         """Standardise each conditioning vector with the training set's statistics.
@@ -75,3 +84,42 @@ class OCDHead(nn.Module):
             getattr(self, f"{k}_std").copy_(std.clamp_min(max(1e-6, 1e-2 * float(std.mean()))))
         self.mean_delta.copy_(store.mean("delta").reshape(self.mean_delta.shape))
         self.scale_net.init_log_scale(float(store.column("scale").clamp_min(1e-30).log().mean()))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        cond: Conditioning,
+        config: OCDConfig,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        *,
+        delta_scale: float = 1.0,
+        target_std: float | None = None,
+    ) -> tuple[torch.Tensor, SampleHealth]:
+        """delta_scale · ρ̂(I(x)) · Ω_0 with Ω_0 drawn by DDIM, and the draws' health.
+
+        Returns [num_samples, B, *target_shape] deltas ([.., B, out] for a factored target). Raises on
+        non-finite deltas; warns when the draws' spread leaves `target_std`'s range.
+        """
+        self.eval()
+        normed = self.normalize(cond)
+        omega = sample_omega(
+            self.denoiser,
+            normed,
+            make_sampling_scheduler(config),
+            config.num_inference_steps,
+            num_samples,
+            generator,
+            guidance_scale=config.guidance_scale,
+        )
+        health = check_samples(omega, target_std)
+        scale = self.scale_net(normed) * delta_scale
+        delta = omega * scale.view(1, -1, *([1] * (omega.dim() - 2)))
+        if config.target == "factored":
+            delta = delta.squeeze(-1)
+        if not torch.isfinite(delta).all():
+            raise FloatingPointError(
+                "The head's scale net gave non-finite deltas; it has likely diverged (retrain it with a lower "
+                "learning_rate)."
+            )
+        return delta, health

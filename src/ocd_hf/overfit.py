@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from .capture import capture_layer, pool
+from .layers import is_hf_conv1d
 from .losses import LossFn
 from .modes import eval_mode
-from .per_sample import is_hf_conv1d, out_features, per_sample_weights
+from .per_sample import out_features, per_sample_weights
 from .prefix import reuse_prefix
 
 ForwardFn = Callable[[nn.Module, Any], torch.Tensor]

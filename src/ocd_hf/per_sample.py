@@ -15,29 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv1D (transformers)")
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers.pytorch_utils.Conv1D, detected without importing transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
-def is_supported(module: nn.Module) -> bool:
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return module.padding_mode == "zeros"
-    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
-
-
-def check_supported(module: nn.Module, name: str = "layer") -> None:
-    if not is_supported(module):
-        extra = ""
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-            extra = f" (padding_mode={module.padding_mode!r}; only 'zeros' is supported)"
-        raise TypeError(
-            f"Layer {name!r} is a {type(module).__name__}{extra}; OCD can generate weights for "
-            f"{', '.join(SUPPORTED_TYPES)} layers only. Pick one of those (see OCDWrapper.candidate_layers)."
-        )
+from .layers import check_supported, is_hf_conv1d
 
 
 def delta_output(

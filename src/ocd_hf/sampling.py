@@ -68,7 +68,10 @@ def sample_omega(
     device = cond.layer_input.device
     rep = Conditioning(*(c.repeat(num_samples, 1) for c in cond))
     shape = (num_samples * b, *denoiser.weight_shape)
-    x = torch.randn(shape, generator=generator, device=device if generator is None else generator.device).to(device)
+    # noise is drawn in float32 whatever the head's dtype, so a cast head samples from the same stream
+    dtype = next(denoiser.parameters(), torch.empty(0)).dtype
+    x = torch.randn(shape, generator=generator, device=device if generator is None else generator.device)
+    x = x.to(device=device, dtype=dtype)
     scheduler.set_timesteps(num_inference_steps, device=device)
     guided = guidance_scale != 1.0
     if guided:

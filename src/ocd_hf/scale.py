@@ -7,14 +7,15 @@ from torch import nn
 
 from .capture import Conditioning
 from .config import OCDConfig
+from .state import HeadShapes
 
 
 class ScaleNet(nn.Module):
     """Predicts the delta's scale ρ (its std) from the normalised conditioning; positive by construction."""
 
-    def __init__(self, config: OCDConfig):
+    def __init__(self, config: OCDConfig, shapes: HeadShapes):
         super().__init__()
-        d = config.input_dim + config.activation_dim + config.output_dim
+        d = shapes.input_dim + shapes.activation_dim + shapes.output_dim
         h = config.scale_hidden_dim
         self.net = nn.Sequential(nn.Linear(d, h), nn.Mish(), nn.Linear(h, h), nn.Mish(), nn.Linear(h, 1))
 

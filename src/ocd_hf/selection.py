@@ -42,13 +42,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .config import AUTO
 from .integrations import ModelAdapter, get_adapter
+from .layers import is_hf_conv1d, is_supported
 from .losses import LossFn, resolve_loss
 from .modes import eval_mode
-from .per_sample import is_hf_conv1d, is_supported, per_sample_weights
+from .per_sample import per_sample_weights
 from .prefix import reuse_prefix
 
-AUTO = "auto"
 GRID_STEPS_PER_BANDWIDTH = 2
 GRID_HALF_WIDTH = 6.0  # bandwidths around each loss value covered by the integration grid
 _F32_EPS = float(torch.finfo(torch.float32).eps)

@@ -25,6 +25,7 @@ from .config import OCDConfig
 from .head import OCDHead
 from .sampling import make_train_scheduler, training_target
 from .scale import scale_loss
+from .training_args import OCDTrainingArguments
 
 _CKPT = re.compile(r"^step-(\d+)$")
 
@@ -49,26 +50,35 @@ def train_head(
     head: OCDHead,
     store: DeltaStore,
     config: OCDConfig,
+    args: OCDTrainingArguments,
     *,
-    output_dir: str | os.PathLike | None = None,
-    resume: bool = True,
     accelerator: Accelerator | None = None,
-    checkpoint_every: int = 500,
-    progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Train denoiser and scale net for `config.num_train_steps` steps; returns the logged history.
+    """Train denoiser and scale net for `args.num_train_steps` steps; the head ends with the EMA weights.
 
     With `config.cond_dropout` > 0 each sample's denoiser sees the null condition with that probability
     (classifier-free guidance; the scale net always sees I(x)).
+
+    Args:
+        head: A freshly built head; its normalisation statistics are set from `store` first.
+        store: The collected deltas and conditioning.
+        config: The head's settings (diffusion schedule, prediction type, condition dropout).
+        args: Steps, learning rate, batch size, EMA, clipping, seed, checkpointing (`output_dir`,
+            `checkpoint_every`, `resume`) and `progress`.
+        accelerator: Runs the loop (one or several processes); a default one when None.
+
+    Returns:
+        One record per step: step, denoiser_loss, scale_loss_db.
     """
+    output_dir, resume, checkpoint_every, progress = args.output_dir, args.resume, args.checkpoint_every, args.progress
     accelerator = accelerator or Accelerator()
-    torch.manual_seed(config.seed)
+    torch.manual_seed(args.seed)
     head.set_statistics(store)
     scheduler = make_train_scheduler(config)
-    opt = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    total = config.num_train_steps
+    opt = torch.optim.AdamW(head.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    total = args.num_train_steps
     lr_sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=min(100, total // 10), num_training_steps=total)
-    ema = EMAModel(head.parameters(), decay=config.ema_decay)
+    ema = EMAModel(head.parameters(), decay=args.ema_decay)
     model, opt, lr_sched = accelerator.prepare(head, opt, lr_sched)
     accelerator.register_for_checkpointing(ema)
     ema.to(accelerator.device)
@@ -79,18 +89,19 @@ def train_head(
         accelerator.load_state(str(ckpt))
         start = json.loads((ckpt / "done").read_text())["step"]
     n = len(store)
-    bs = min(config.train_batch_size, n)
+    bs = min(args.train_batch_size, n)
+    target_shape = head.denoiser.weight_shape
     history: list[dict[str, float]] = []
     unwrapped = accelerator.unwrap_model(model)
     model.train()
     bar = tqdm(range(start, total), desc="training OCD head", disable=not (progress and accelerator.is_main_process))
     for step in bar:
         g = torch.Generator().manual_seed(
-            config.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index
+            args.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index
         )
         idx = torch.randint(0, n, (bs,), generator=g)
         batch = {k: v.to(accelerator.device) for k, v in store.get_batch(idx).items()}
-        clean = omega_batch(batch).reshape(bs, *config.target_shape)
+        clean = omega_batch(batch).reshape(bs, *target_shape)
         noise = torch.randn(clean.shape, generator=g).to(accelerator.device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (bs,), generator=g).to(accelerator.device)
         noisy = scheduler.add_noise(clean, noise, t)
@@ -106,7 +117,7 @@ def train_head(
         # The two nets share no parameters, so one backward of the sum trains both independently.
         accelerator.backward(loss_d + loss_s)
         if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         opt.step()
         lr_sched.step()
         opt.zero_grad(set_to_none=True)

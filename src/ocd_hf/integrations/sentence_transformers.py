@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from ..modes import eval_mode
-from .base import ModelAdapter, module_device
+from .base import ModelAdapter
+from .batches import LABEL_KEYS, label_key, module_device
 
 TEXT_KEYS = ("text", "texts", "sentence", "sentences", "inputs")
-LABEL_KEYS = ("label", "labels")
 PROBE_TEXT = "OCD probe: which layers have a gradient path to the output?"
 
 
@@ -74,7 +74,7 @@ class SentenceTransformerAdapter(ModelAdapter):
 
     def split_batch(self, batch: Any) -> tuple[Any, torch.Tensor]:
         if isinstance(batch, Mapping):
-            lkey = next((k for k in LABEL_KEYS if k in batch), None)
+            lkey = label_key(batch)
             if lkey is None:
                 raise ValueError(f"A text batch needs a 'label' (or 'labels') entry; got keys {sorted(batch)}.")
             if "input_ids" in batch:
@@ -102,7 +102,7 @@ class SentenceTransformerAdapter(ModelAdapter):
         first = rows[0]
         if isinstance(first, Mapping):
             tkey = next((k for k in TEXT_KEYS if k in first), None)
-            lkey = next((k for k in LABEL_KEYS if k in first), None)
+            lkey = label_key(first)
             if tkey is None:
                 raise ValueError(
                     f"Dataset rows need a 'text' column (or one of {list(TEXT_KEYS)}); got columns {sorted(first)}."

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import module_device
+from .batches import module_device
 from .sentence_transformers import SentenceTransformerAdapter, body_name
 
 

@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ModelAdapter
+from .batches import LABEL_KEYS
+from .torch import TorchAdapter
 
 IMAGE_KEYS = ("pixel_values", "image", "images", "x")
-LABEL_KEYS = ("labels", "label", "y")
 
 
-class TimmAdapter(ModelAdapter):
+class TimmAdapter(TorchAdapter):
     family = "timm"
 
     def __init__(self, model: nn.Module):

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from .base import ModelAdapter
+from .batches import LABEL_KEYS, label_key
+from .torch import TorchAdapter
 
-LABEL_KEYS = ("labels", "label", "label_ids")
 CLASSIFICATION_SUFFIXES = (
     "ForSequenceClassification",
     "ForImageClassification",
@@ -32,7 +32,7 @@ CLASSIFICATION_SUFFIXES = (
 )
 
 
-class TransformersAdapter(ModelAdapter):
+class TransformersAdapter(TorchAdapter):
     family = "transformers"
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, data_collator: Callable | None = None):
@@ -45,7 +45,7 @@ class TransformersAdapter(ModelAdapter):
     # ------------------------------------------------------------------ batches
     def split_batch(self, batch: Any) -> tuple[Any, torch.Tensor]:
         if isinstance(batch, Mapping):
-            key = next((k for k in LABEL_KEYS if k in batch), None)
+            key = label_key(batch)
             if key is None:
                 raise ValueError(
                     f"A batch for a transformers model needs a 'labels' (or 'label') entry; got keys {sorted(batch)}."

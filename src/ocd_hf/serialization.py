@@ -1,0 +1,355 @@
+"""Writing and reading a head folder, in the style of PEFT's save_and_load.
+
+A head folder holds
+- `ocd_config.json`: the settings (`OCDConfig`);
+- `ocd_state.json`: shapes, provenance, fitted values and the diffusers configs the head was built with;
+- `ocd_head.safetensors`: `OCDHead.state_dict()` (denoiser, scale net, normalisation buffers);
+- `README.md`: a model card.
+
+Everything here works on a `HeadRecord` plus a state dict; nothing imports the wrapper. Heads are read
+from safetensors only (pickle files are refused, never opened), and a folder saved by ocd_hf 0.1
+(one flat `ocd_config.json`) still loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, OCDConfig
+from .constants import CONFIG_NAME, HEAD_NAME, MODEL_CARD_NAME, STATE_NAME
+from .head import OCDHead
+from .layers import layer_fingerprint, resolve_layer
+from .sampling import make_sampling_scheduler
+from .state import FittedState, HeadShapes, Provenance, from_dict, to_dict
+from .version import __version__
+
+FORMAT_VERSION = 2
+HEAD_FILES = (CONFIG_NAME, STATE_NAME, HEAD_NAME, MODEL_CARD_NAME)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+@dataclass
+class HeadRecord:
+    """Everything a head folder stores besides the tensors."""
+
+    config: OCDConfig
+    shapes: HeadShapes
+    provenance: Provenance
+    fitted: FittedState
+    denoiser_config: dict[str, Any] | None = None
+    scheduler_config: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def state_json(self) -> str:
+        d = {
+            "format_version": FORMAT_VERSION,
+            "shapes": to_dict(self.shapes),
+            "provenance": to_dict(self.provenance),
+            "fitted": to_dict(self.fitted),
+            "denoiser_config": self.denoiser_config,
+            "scheduler_config": self.scheduler_config,
+        }
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+
+def diffusers_config(obj: Any) -> dict[str, Any]:
+    """A diffusers model/scheduler config as plain JSON values."""
+    import diffusers
+
+    cfg = {k: v for k, v in dict(obj.config).items() if k != "_use_default_values"}
+    cfg = {"_class_name": type(obj).__name__, "_diffusers_version": diffusers.__version__, **cfg}
+    return json.loads(json.dumps(cfg, default=list))
+
+
+def with_diffusers_configs(record: HeadRecord, head: OCDHead) -> HeadRecord:
+    """The record with the UNet and DDIM configs of `head` filled in (written at save)."""
+    record.denoiser_config = diffusers_config(head.denoiser.unet)
+    record.scheduler_config = diffusers_config(make_sampling_scheduler(record.config))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- save
+def make_record(
+    config: OCDConfig,
+    shapes: HeadShapes | None,
+    provenance: Provenance,
+    fitted: FittedState,
+    head: OCDHead,
+    layer: torch.nn.Module | None,
+) -> HeadRecord:
+    """The record saved for a fitted head: provenance completed (fingerprint, version), diffusers configs added."""
+    if layer is None or shapes is None:
+        raise ValueError("Only a fitted OCDWrapper (resolved layer, known shapes) can be saved.")
+    provenance = dataclasses.replace(
+        provenance,
+        layer_fingerprint=provenance.layer_fingerprint or layer_fingerprint(layer.weight),
+        library_version=provenance.library_version or __version__,
+    )
+    return with_diffusers_configs(HeadRecord(config, shapes, provenance, dataclasses.replace(fitted)), head)
+
+
+def save_head_folder(
+    target: str | os.PathLike, record: HeadRecord, state_dict: dict[str, torch.Tensor], card: Any
+) -> Path:
+    """Write a head folder, all files or none (see `replace_folder`)."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+
+    def write(folder: Path) -> None:
+        (folder / CONFIG_NAME).write_text(record.config.to_json_string(), encoding="utf-8")
+        (folder / STATE_NAME).write_text(record.state_json(), encoding="utf-8")
+        save_file(state, str(folder / HEAD_NAME), metadata={"format": "pt"})
+        card.save(folder / MODEL_CARD_NAME)
+
+    return replace_folder(target, write)
+
+
+def replace_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run `write` on a fresh sibling folder, then rename it to `target`.
+
+    A crash leaves `target` absent or at its previous complete version, never half written. An existing
+    `target` is replaced as a whole, so it may only contain head files: anything else is refused rather
+    than deleted.
+    """
+    target = Path(target).absolute()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder.")
+    if target.is_dir():
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in HEAD_FILES)
+        if foreign:
+            raise FileExistsError(
+                f"{target} holds files that are not part of an OCD head ({foreign[:5]}); saving replaces the "
+                "whole folder, so pick a new or empty folder (or remove those files)."
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = target.with_name(f".{target.name}.tmp-{tag}")
+    old = target.with_name(f".{target.name}.old-{tag}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            _fsync(f)
+        # rename() cannot replace a non-empty folder: move the old one aside first, restore it on failure.
+        if target.exists():
+            os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if old.exists():
+                os.rename(old, target)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync(target.parent)
+    return target
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync folders
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- load
+def refuse_pickles(files: list[str], where: str) -> None:
+    """Raise when the only weight files are pickle-based (they are never opened)."""
+    pickled = sorted({f for f in files if f.lower().endswith(PICKLE_SUFFIXES)})
+    if pickled:
+        raise ValueError(
+            f"{where} has no {HEAD_NAME}, only pickle-based weight files {pickled}. ocd_hf loads heads from "
+            "safetensors only: unpickling can run arbitrary code. Re-save the head with "
+            "OCDWrapper.save_pretrained (safetensors is required)."
+        )
+
+
+def _read_json(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OSError(
+            f"{path} is not valid JSON ({e}); the file is corrupted: re-download it (force_download=True)."
+        ) from None
+    if not isinstance(d, dict):
+        raise OSError(f"{path} does not hold a JSON object; the file is corrupted.")
+    return d
+
+
+def read_record(config_path: str | os.PathLike, state_path: str | os.PathLike | None) -> HeadRecord:
+    """`ocd_config.json` (+ `ocd_state.json`) -> HeadRecord; a 0.1 folder has no state file."""
+    raw = _read_json(config_path)
+    if state_path is None:
+        return _legacy_record(raw, str(config_path))
+    config = OCDConfig.from_dict(raw, source=str(config_path))
+    d = _read_json(state_path)
+    src = str(state_path)
+    version = d.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ConfigError(
+            f"{src}: format_version {version!r} is not one this ocd_hf ({FORMAT_VERSION}) reads; upgrade ocd_hf."
+        )
+    missing = [k for k in ("shapes", "provenance", "fitted") if k not in d]
+    if missing:
+        raise ConfigError(f"{src} lacks {missing}: it was not written by OCDWrapper.save_pretrained.")
+    return HeadRecord(
+        config=config,
+        shapes=from_dict(HeadShapes, d["shapes"], source=f"{src} (shapes)"),
+        provenance=from_dict(Provenance, d["provenance"], source=f"{src} (provenance)"),
+        fitted=from_dict(FittedState, d["fitted"], source=f"{src} (fitted)"),
+        denoiser_config=d.get("denoiser_config"),
+        scheduler_config=d.get("scheduler_config"),
+    )
+
+
+# The 0.1 flat config: which keys went where.
+_LEGACY_SHAPES = ("weight_shape", "target_shape", "input_dim", "activation_dim", "output_dim")
+_LEGACY_PROVENANCE = ("base_model", "base_model_revision", "base_model_library", "layer_fingerprint", "library_version")
+_LEGACY_DROPPED = ("learning_rate", "train_batch_size", "num_train_steps", "ema_decay", "max_grad_norm", "seed")
+
+
+def _legacy_record(raw: dict[str, Any], src: str) -> HeadRecord:
+    missing = [k for k in ("layer", "weight_shape", "input_dim", "activation_dim", "output_dim") if raw.get(k) is None]
+    if missing:
+        raise ConfigError(f"{src} lacks {missing}: it was not written by a fitted OCDWrapper.")
+    raw = dict(raw)
+    shapes = {k: raw.pop(k) for k in _LEGACY_SHAPES if k in raw}
+    if shapes.get("target_shape") is None:
+        shapes["target_shape"] = shapes["weight_shape"]
+    provenance = {k: raw.pop(k) for k in _LEGACY_PROVENANCE if k in raw}
+    extra = raw.pop("extra", None) or {}
+    fitted = {
+        "delta_scale": raw.pop("delta_scale", 1.0),
+        "target_std": raw.pop("target_std", None),
+        "calibration": extra.get("calibration"),
+        "selection": extra.get("selection"),
+        "collection": extra.get("collection"),
+    }
+    for k in _LEGACY_DROPPED:
+        raw.pop(k, None)
+    denoiser_config, scheduler_config = raw.pop("denoiser_config", None), raw.pop("scheduler_config", None)
+    return HeadRecord(
+        config=OCDConfig.from_dict(raw, source=src),
+        shapes=from_dict(HeadShapes, shapes, source=src),
+        provenance=from_dict(Provenance, provenance, source=src),
+        fitted=from_dict(FittedState, fitted, source=src),
+        denoiser_config=denoiser_config,
+        scheduler_config=scheduler_config,
+    )
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of `ocd_head.safetensors` on CPU; a damaged file raises OSError naming the remedy."""
+    try:
+        state = load_file(str(path), device="cpu")
+    except SafetensorError as e:
+        raise OSError(
+            f"{path} is corrupted or truncated ({e}). Delete it and download it again "
+            "(from_pretrained(..., force_download=True) for a Hub head), or re-save the head."
+        ) from None
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise OSError(f"{path} holds non-finite values in {bad[:5]}: the file is corrupted or the head diverged.")
+    return state
+
+
+def check_base_layer(record: HeadRecord, adapter: Any, where: str, *, allow_mismatch: bool = False) -> torch.nn.Module:
+    """The target layer of the given model, refused unless it has the shape and weights the head was trained on."""
+    config, shapes, prov = record.config, record.shapes, record.provenance
+    given = adapter.describe().get("base_model") or type(adapter.module).__name__
+    trained_for = (
+        f"The head {where} was trained for layer {config.layer!r} of {prov.base_model or 'an unnamed model'} "
+        f"(weight shape {tuple(shapes.weight_shape)})"
+    )
+    try:
+        layer = resolve_layer(adapter.module, config.layer, adapter.candidate_layers)
+    except ValueError as e:
+        raise ValueError(f"{trained_for}, but the given model {given} has no such layer: {e}") from None
+    shape = tuple(layer.weight.shape)
+    if shape != tuple(shapes.weight_shape):
+        raise ValueError(
+            f"{trained_for}, but layer {config.layer!r} of the given model {given} has shape {shape}. "
+            "A head only generates weights of the shape it was trained for; this cannot be overridden."
+        )
+    if prov.layer_fingerprint is not None:
+        fp = layer_fingerprint(layer.weight)
+        if fp != prov.layer_fingerprint:
+            msg = (
+                f"{trained_for}, with weights of sha256 {prov.layer_fingerprint[:12]}…, but the given model "
+                f"{given} has different weights in that layer (sha256 {fp[:12]}…): its deltas were learned for "
+                "other base weights."
+            )
+            if not allow_mismatch:
+                raise ValueError(msg + " Pass allow_mismatch=True to load it anyway.")
+            warnings.warn(msg + " Loading anyway (allow_mismatch=True).", stacklevel=4)
+    return layer
+
+
+def build_head(record: HeadRecord, state: dict[str, torch.Tensor], where: str) -> OCDHead:
+    """The head the record describes, with `state` loaded strictly (every tensor present, right shapes)."""
+    # Building the head draws random initial weights; keep the caller's RNG stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        head = OCDHead(record.config, record.shapes)
+    expected = head.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{HEAD_NAME} of {where} does not match the head its config describes: "
+            f"missing tensors {missing[:10]}{' …' if len(missing) > 10 else ''}, "
+            f"unexpected tensors {extra[:10]}{' …' if len(extra) > 10 else ''}."
+        )
+    wrong = [
+        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items() if v.shape != expected[k].shape
+    ]
+    if wrong:
+        raise ValueError(f"{HEAD_NAME} of {where} has tensors of the wrong shape (file vs config): {wrong[:5]}.")
+    head.load_state_dict(state, strict=True)
+    _check_diffusers_configs(record, head, where)
+    return head.eval()
+
+
+def _check_diffusers_configs(record: HeadRecord, head: OCDHead, where: str) -> None:
+    """Warn when this installation builds the UNet / DDIM scheduler differently from the saving one."""
+    pairs = [
+        (record.denoiser_config, lambda: diffusers_config(head.denoiser.unet)),
+        (record.scheduler_config, lambda: diffusers_config(make_sampling_scheduler(record.config))),
+    ]
+    for stored, current in pairs:
+        if not stored:
+            continue
+        now = current()
+        diff = sorted(k for k in stored.keys() & now.keys() if not k.startswith("_") and not _same(stored[k], now[k]))
+        if diff:
+            warnings.warn(
+                f"The head {where} was saved with a different {now['_class_name']} config "
+                f"({', '.join(f'{k}: {stored[k]!r} -> {now[k]!r}' for k in diff[:5])}); outputs may differ.",
+                stacklevel=4,
+            )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
