@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench bench-quick clean
+.PHONY: install demo test test-all lint docs bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,11 +19,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m ocd_hf.demo
 
-test: $(STAMP)
+# lint + format check, the docs site in strict mode, then the fast tests
+test: lint $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
-test-all: $(STAMP)
+test-all: lint $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+
+# the documentation site (mkdocs-material + an API reference from the docstrings) into site/
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The paper's tables (4 tasks x 3 seeds, ~1.5 h on 2 cores; resumes from build/bench-runs), the speed
 # table, then docs/results.md. DATA is the folder with vision/, tabular/, text/.
@@ -39,4 +49,4 @@ bench-quick: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/speed.py --quick --out-dir build/bench-quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build site *.egg-info src/*.egg-info
