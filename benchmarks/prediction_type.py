@@ -2,7 +2,7 @@
 and seed and prints held-out CE, accuracy, cosine to the oracle delta and the std of sampled Ω_0
 (healthy ≈ 1: the targets have unit std by construction).
 
-Run: python benchmarks/prediction_type.py [--steps 1500] [--seeds 0 1]
+Run (from the project root): python -m benchmarks.prediction_type [--steps 1500] [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from ocd_hf import OCDWrapper
 from ocd_hf.demo import LeNetDigits, load_digits_split, train_base
-from ocd_hf.evaluation import evaluate
+from ocd_hf.evaluation import Cosine, Row, evaluate
 
 
 def main() -> None:
@@ -47,10 +47,10 @@ def main() -> None:
             ).view(1, -1, 1, 1)
             res.append(
                 (
-                    rep.rows["base"]["cross_entropy"],
-                    rep.rows["OCD"]["cross_entropy"],
-                    rep.rows["OCD"]["accuracy"],
-                    rep.cosine_to_oracle["OCD (1 draw)"],
+                    rep.rows[Row.BASE]["cross_entropy"],
+                    rep.rows[Row.OCD]["cross_entropy"],
+                    rep.rows[Row.OCD]["accuracy"],
+                    rep.cosine_to_oracle[Cosine.OCD],
                     omega.std().item(),
                     time.perf_counter() - t0,
                 )

@@ -4,7 +4,7 @@ Trains LeNetDigits with `train_base` on `load_digits_split(0)` (timed separately
 candidate layer on the first N training samples and prints the report (time per candidate in the last
 column) and the total. Several K values and seeds can be given to compare rankings: `--perturbations 10000 1000 --seeds 0 1 2`.
 
-Run: python benchmarks/selection_speed.py [--perturbations 10000] [--samples 32] [--plot scores.png]
+Run (from the project root): python -m benchmarks.selection_speed [--perturbations 10000] [--samples 32] [--plot scores.png]
 """
 
 from __future__ import annotations
