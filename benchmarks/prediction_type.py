@@ -19,7 +19,11 @@ from ocd_hf.evaluation import Cosine, Row, evaluate
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.prediction_type",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--types", nargs="+", default=["epsilon", "sample", "v_prediction"])

@@ -47,7 +47,11 @@ def render(results_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.render_results",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--results-dir", default=str(ROOT / "docs" / "results"))
     p.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     args = p.parse_args(argv)

@@ -25,7 +25,11 @@ def _load() -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.selection_speed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--perturbations", type=int, nargs="+", default=[10_000], help="K values to run")
     p.add_argument("--samples", type=int, default=32, help="fixed samples N")
     p.add_argument("--sigma", type=float, default=0.1)
