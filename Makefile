@@ -35,18 +35,19 @@ lint: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-# The paper's tables (4 tasks x 3 seeds, ~1.5 h on 2 cores; resumes from build/bench-runs), the speed
-# table, then docs/results.md. DATA is the folder with vision/, tabular/, text/.
+# The paper's tables (4 tasks x 3 seeds, hours on a CPU: docs/results.md gives the wall time per seed;
+# resumes from build/bench-runs), the speed table, then docs/results.md. DATA is the folder with
+# vision/, tabular/, text/. The benchmarks are the modules of the benchmarks package (python -m).
 DATA ?= ../shared/data
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/paper_tables.py --jobs 2 --data-root $(DATA)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/speed.py
-	$(BIN)/python benchmarks/render_results.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.paper_tables --jobs 2 --data-root $(DATA)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.speed
+	$(BIN)/python -m benchmarks.render_results
 
-# the same benchmarks at toy sizes (a smoke test; CI runs it inside `make test`)
+# the same benchmarks at toy sizes (a smoke test; `make test-all` runs it through tests/test_benchmarks_quick.py)
 bench-quick: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/paper_tables.py --quick --data-root $(DATA) --out-dir build/bench-quick --runs-dir build/bench-quick/runs --force
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/speed.py --quick --out-dir build/bench-quick
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.paper_tables --quick --data-root $(DATA) --out-dir build/bench-quick --runs-dir build/bench-quick/runs --force
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.speed --quick --out-dir build/bench-quick
 
 clean:
 	rm -rf $(VENV) build site *.egg-info src/*.egg-info

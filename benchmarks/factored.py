@@ -6,7 +6,7 @@
 2. A synthetic 4096x4096 Linear: collection and one denoiser training step per target, to show where
    the full target stops on a CPU.
 
-Run: python benchmarks/factored.py [--steps 1000] [--seed 0]
+Run (from the project root): python -m benchmarks.factored [--steps 1000] [--seed 0]
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ocd_hf import OCDWrapper
+from ocd_hf import OCDConfig, OCDWrapper
+from ocd_hf.capture import Conditioning
 from ocd_hf.demo import LeNetDigits, load_digits_split, train_base
-from ocd_hf.evaluation import evaluate
+from ocd_hf.denoiser import ConditionalUNet1D
+from ocd_hf.evaluation import Row, evaluate
 from ocd_hf.losses import cross_entropy
 from ocd_hf.overfit import overfit_batch
 from ocd_hf.per_sample import factored_to_full
+from ocd_hf.state import HeadShapes
 
 
 def median_time(fn, repeats=5):
@@ -72,8 +75,8 @@ def digits(steps: int, seed: int) -> None:
             size = os.path.getsize(os.path.join(d, "h", "ocd_head.safetensors")) / 2**20
         r = rep.rows
         print(
-            f"| {target} | {cos:.3f} | {r['OCD']['cross_entropy']:.4f} | {r['OCD']['accuracy']:.4f} | "
-            f"{r['base']['cross_entropy']:.4f} | {energy:.3f} | {sps:.1f} | {lat:.0f} | {size:.2f} |"
+            f"| {target} | {cos:.3f} | {r[Row.OCD]['cross_entropy']:.4f} | {r[Row.OCD]['accuracy']:.4f} | "
+            f"{r[Row.BASE]['cross_entropy']:.4f} | {energy:.3f} | {sps:.1f} | {lat:.0f} | {size:.2f} |"
         )
 
 
@@ -94,16 +97,12 @@ def big_layer() -> None:
         per_sample = 4096 * 4096 if (target == "full" or opt == "adam") else 4096
         mib = 4 * per_sample * 4 * n_tensors / 2**20
         print(f"collection {target:8s} {opt}: {t * 1000:.0f} ms / 4 samples; delta-side tensors ≈ {mib:.3f} MiB")
-    from ocd_hf.config import OCDConfig
-    from ocd_hf.denoiser import ConditionalUNet1D
-
     for target, shape in (("full", (4096, 4096)), ("factored", (4096, 1))):
-        cfg = OCDConfig(
-            layer="2", weight_shape=(4096, 4096), target_shape=shape, input_dim=4096, activation_dim=4096, output_dim=4
+        cfg = OCDConfig(layer="2", target=target)
+        shapes = HeadShapes(
+            weight_shape=(4096, 4096), target_shape=shape, input_dim=4096, activation_dim=4096, output_dim=4
         )
-        d = ConditionalUNet1D(cfg)
-        from ocd_hf.capture import Conditioning
-
+        d = ConditionalUNet1D(cfg, shapes)
         c = Conditioning(torch.randn(2, 4096), torch.randn(2, 4096), torch.randn(2, 4))
         omega = torch.randn(2, *shape)
 
@@ -116,7 +115,9 @@ def big_layer() -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.factored", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-big", action="store_true")

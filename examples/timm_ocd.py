@@ -15,6 +15,7 @@ classifier's weights per image. Prints base vs OCD vs OCD x5 on held-out images.
 from __future__ import annotations
 
 import argparse
+import gzip
 import sys
 import time
 from pathlib import Path
@@ -24,8 +25,34 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lenet5_fashion_mnist import load as load_fashion_mnist  # noqa: E402
+HUB_ID = "zalando-datasets/fashion_mnist"
+
+
+def read_idx(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, 28, 28] and labels [N] of one split ("train" or "t10k") from the gzipped idx files."""
+    images, labels = folder / f"{split}-images-idx3-ubyte.gz", folder / f"{split}-labels-idx1-ubyte.gz"
+    for f in (images, labels):
+        if not f.exists():
+            sys.exit(f"{f} not found: --data-dir must hold the Fashion-MNIST idx files ({f.name}, ...).")
+    x = np.frombuffer(gzip.open(images).read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    y = np.frombuffer(gzip.open(labels).read(), np.uint8, offset=8)
+    return x, y
+
+
+def load_fashion_mnist(data_dir: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) from local idx files or the Hub dataset."""
+    if data_dir is not None:
+        return (*read_idx(Path(data_dir), "train"), *read_idx(Path(data_dir), "t10k"))
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(HUB_ID)
+    except Exception as e:
+        sys.exit(f"Could not load {HUB_ID} ({type(e).__name__}: {e}). Offline? Pass --data-dir with the idx files.")
+    arrays = []
+    for split in ("train", "test"):
+        arrays += [np.stack([np.asarray(im) for im in ds[split]["image"]]), np.asarray(ds[split]["label"])]
+    return tuple(arrays)
 
 
 def preprocess(images: np.ndarray, size: int) -> torch.Tensor:

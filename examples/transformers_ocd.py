@@ -23,8 +23,45 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from setfit_ocd import load_texts  # noqa: E402
+
+def load_texts(args: argparse.Namespace) -> tuple[list[str], list, list[str], list]:
+    """(train texts, train labels, test texts, test labels) from a local file (split in halves) or a Hub dataset."""
+    path = Path(args.data)
+    if path.suffix in (".csv", ".gz", ".jsonl", ".json", ".parquet") or path.exists():
+        import pandas as pd
+
+        if not path.exists():
+            sys.exit(f"Data file {path} not found. Pass --data with a local file or a Hub dataset id.")
+        if path.suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+            df = pd.read_json(path, lines=True)
+        else:
+            df = pd.read_csv(path)
+        missing = [c for c in (args.text_column, args.label_column) if c not in df.columns]
+        if missing:
+            sys.exit(
+                f"Columns {missing} not in {path} (columns: {list(df.columns)}); set --text-column / --label-column."
+            )
+        df = df[[args.text_column, args.label_column]].dropna().sample(frac=1.0, random_state=args.seed)
+        train, test = df.iloc[: len(df) // 2], df.iloc[len(df) // 2 :]
+        return (
+            train[args.text_column].astype(str).tolist(),
+            train[args.label_column].tolist(),
+            test[args.text_column].astype(str).tolist(),
+            test[args.label_column].tolist(),
+        )
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(args.data)
+    except Exception as e:  # offline, or a wrong id
+        sys.exit(
+            f"Could not load the dataset {args.data!r} ({type(e).__name__}: {e}). Offline? Pass --data with a local file."
+        )
+    test_split = "test" if "test" in ds else "validation"
+    train, test = ds["train"].shuffle(seed=args.seed), ds[test_split].shuffle(seed=args.seed)
+    return train[args.text_column], train[args.label_column], test[args.text_column], test[args.label_column]
 
 
 def main(argv=None) -> None:

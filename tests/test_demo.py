@@ -1,8 +1,11 @@
 """`make demo` end to end at a toy budget: every step runs and the table has every row."""
 
+import pytest
+
 from ocd_hf import demo
 
 
+@pytest.mark.slow  # trains the demo's base model and head and computes every evaluation row
 def test_demo_runs_end_to_end(capsys):
     demo.main(["--steps", "3"])
     out = capsys.readouterr().out

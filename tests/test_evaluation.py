@@ -8,7 +8,7 @@ from conftest import TINY_HEAD, TINY_TRAIN, SmallCNN
 from torch.utils.data import TensorDataset
 
 from ocd_hf import OCDWrapper
-from ocd_hf.evaluation import evaluate, expected_calibration_error, fit_temperature
+from ocd_hf.evaluation import Cosine, Row, compute_metrics, evaluate, expected_calibration_error, fit_temperature
 from ocd_hf.losses import cross_entropy
 from ocd_hf.overfit import make_optimizer, overfit_all_layers, take
 
@@ -25,6 +25,21 @@ def test_ece_matches_a_slow_loop():
             slow += len(sel) / 500 * abs(hit[sel].mean() - conf[sel].mean()).item()
     assert expected_calibration_error(conf, hit, bins=10) == pytest.approx(slow, abs=1e-6)
     assert expected_calibration_error(torch.ones(4), torch.ones(4)) == pytest.approx(0.0)
+
+
+def test_compute_metrics_matches_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(50, 4, generator=g), torch.randint(0, 4, (50,), generator=g)
+    m = compute_metrics(logits, labels, "classification")
+    assert set(m) == {"cross_entropy", "accuracy", "ece"}
+    assert m["cross_entropy"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-6)
+    assert m["accuracy"] == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
+    conf = logits.softmax(-1).max(-1).values
+    assert m["ece"] == pytest.approx(expected_calibration_error(conf, (logits.argmax(1) == labels).float()), abs=1e-6)
+    out, target = torch.randn(30, 1, generator=g), torch.randn(30, 1, generator=g)
+    assert compute_metrics(out, target, "regression") == {
+        "rmse": pytest.approx(float((out - target).pow(2).mean().sqrt()), rel=1e-6)
+    }
 
 
 def test_temperature_recovers_the_generating_temperature():
@@ -104,8 +119,25 @@ def test_evaluate_reports_every_row(tmp_path):
         "OCD on fc2",
     }
     assert set(r.rows) == expected
+    # the constants name exactly these rows (the strings above are what reports and docs show)
+    assert expected == {
+        Row.BASE,
+        Row.TEMPERATURE,
+        Row.KNN,
+        Row.ORACLE,
+        Row.ORACLE_ALL_LAYERS,
+        Row.OCD,
+        Row.ensemble(3),
+        Row.mean_weights(3),
+        Row.OCD_UNCALIBRATED,
+        Row.NEAREST_NEIGHBOUR,
+        Row.NO_SCALE,
+        Row.MEAN_DELTA,
+        Row.alternative("fc2"),
+    }
     assert all(set(v) == {"cross_entropy", "accuracy", "ece"} for v in r.rows.values())
     assert set(r.cosine_to_oracle) == {"OCD (1 draw)", "nearest-neighbour delta", "mean training delta"}
+    assert set(r.cosine_to_oracle) == {Cosine.OCD, Cosine.NEAREST_NEIGHBOUR, Cosine.MEAN_DELTA}
     assert r.health["target_std"] > 0 and r.extra["delta_scale"] == 0.5
     base_ce = cross_entropy(
         model(torch.stack([test[i][0] for i in range(16)])), torch.stack([test[i][1] for i in range(16)])

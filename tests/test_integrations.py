@@ -394,6 +394,7 @@ def test_fit_predict_setfit_differentiable_head(setfit_diff):
 
 
 # ---------------------------------------------------------------------------------------------- example
+@pytest.mark.slow  # a SetFit training and an OCD fit in a fresh `accelerate launch` process
 def test_accelerate_launch_setfit_example(tmp_path):
     csv = DATA / "text" / "womens_clothing_reviews.csv.gz"
     if not csv.exists():

@@ -1,6 +1,6 @@
 """Evaluation on a labelled test set: OCD against its upper bounds, its ablations and a skeptic's baselines.
 
-Rows (each only when what it needs is given):
+Rows (each only when what it needs is given; their labels are the constants and functions of `Row`):
 - base; base + temperature scaling (T fitted on `validation`); kNN in i_L space (on `train`);
 - oracle on the selected layer (overfit on the test label: the paper's upper bound); oracle on all layers;
 - OCD (1 draw, with the head's delta_scale), OCD ×N (probability average), OCD mean-weights ×N;
@@ -29,6 +29,63 @@ from .ensemble import combine_draws
 from .losses import cross_entropy
 from .overfit import overfit_all_layers, overfit_batch
 from .prefix import reuse_prefix
+
+__all__ = ["Cosine", "EvaluationReport", "Row", "compute_metrics", "evaluate", "expected_calibration_error"]
+
+
+class Row:
+    """The labels of `EvaluationReport.rows`: constants, and functions for the labels with a number or a name.
+
+    Compare and look rows up with these (`report.rows[Row.OCD]`), not with string literals.
+    """
+
+    BASE = "base"
+    TEMPERATURE = "base + temperature scaling"
+    KNN = "kNN in i_L space"
+    ORACLE = "oracle, this layer (test label)"
+    ORACLE_ALL_LAYERS = "oracle, all layers (test label)"
+    OCD = "OCD"
+    """One draw at the head's delta_scale."""
+    OCD_UNCALIBRATED = "OCD at delta_scale 1"
+    """One draw at delta_scale 1; present only when calibration changed delta_scale."""
+    NEAREST_NEIGHBOUR = "nearest-neighbour delta"
+    NO_SCALE = "no-scale ablation (mean training ρ)"
+    MEAN_DELTA = "mean-delta control"
+
+    @staticmethod
+    def ensemble(num_samples: int) -> str:
+        """The probability (classification) or output (regression) average of `num_samples` draws.
+
+        Args:
+            num_samples: draws averaged.
+        """
+        return f"OCD x{num_samples}"
+
+    @staticmethod
+    def mean_weights(num_samples: int) -> str:
+        """One forward pass with the mean of `num_samples` drawn deltas.
+
+        Args:
+            num_samples: draws averaged.
+        """
+        return f"OCD mean-weights x{num_samples}"
+
+    @staticmethod
+    def alternative(layer: str) -> str:
+        """OCD on another layer (the `alternative` wrapper given to `evaluate`).
+
+        Args:
+            layer: that wrapper's layer name.
+        """
+        return f"OCD on {layer}"
+
+
+class Cosine:
+    """The keys of `EvaluationReport.cosine_to_oracle`: whose deltas are compared with the oracle's."""
+
+    OCD = "OCD (1 draw)"
+    NEAREST_NEIGHBOUR = Row.NEAREST_NEIGHBOUR
+    MEAN_DELTA = "mean training delta"
 
 
 @dataclass
@@ -97,6 +154,19 @@ class _Meter:
             "accuracy": float(hit.mean()),
             "ece": expected_calibration_error(conf, hit, self.bins),
         }
+
+
+def compute_metrics(outputs: torch.Tensor, targets: torch.Tensor, task: str) -> dict[str, float]:
+    """The evaluation's metrics of one set of outputs: what each row of `EvaluationReport.rows` holds.
+
+    Args:
+        outputs: model outputs (logits for classification), one row per sample.
+        targets: class indices (classification) or regression targets.
+        task: "classification" (cross_entropy, accuracy, ece) or "regression" (rmse).
+    """
+    meter = _Meter(task)
+    meter.add(outputs, targets)
+    return meter.result()
 
 
 def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
@@ -225,11 +295,11 @@ def evaluate(
     def layer_rows(inputs: Any, targets: torch.Tensor) -> None:
         """One batch's rows that change only ocd.layer: base, oracle on the layer, OCD and its ablations."""
         cond, base_out = ocd.conditioning(inputs)
-        meter("base").add(base_out, targets)
+        meter(Row.BASE).add(base_out, targets)
         if temperature is not None:
-            meter("base + temperature scaling").add(base_out / temperature, targets)
+            meter(Row.TEMPERATURE).add(base_out / temperature, targets)
         if knn is not None:
-            meter("kNN in i_L space").add(knn(cond.layer_input), targets)
+            meter(Row.KNN).add(knn(cond.layer_input), targets)
         oracle = overfit_batch(
             ocd.module,
             ocd.layer,
@@ -243,34 +313,34 @@ def evaluate(
             False,
             c.target,
         ).delta
-        meter("oracle, this layer (test label)").add(ocd.forward_with_deltas(inputs, oracle), targets)
+        meter(Row.ORACLE).add(ocd.forward_with_deltas(inputs, oracle), targets)
         # raw deltas, so that the uncalibrated row exists even at delta_scale 0
         raw_all = ocd.generate_deltas(cond, num_samples, gen, delta_scale=1.0)
         deltas = raw_all * ocd.delta_scale
         omega_std.append(ocd.last_health.omega_std)
         outs = torch.stack([ocd.forward_with_deltas(inputs, d) for d in deltas])
-        meter("OCD").add(outs[0], targets)
-        meter(f"OCD x{num_samples}").add(combine_draws(outs, task), targets)
-        meter(f"OCD mean-weights x{num_samples}").add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
+        meter(Row.OCD).add(outs[0], targets)
+        meter(Row.ensemble(num_samples)).add(combine_draws(outs, task), targets)
+        meter(Row.mean_weights(num_samples)).add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
         raw = raw_all[0]
         if ocd.delta_scale != 1.0:
-            meter("OCD at delta_scale 1").add(ocd.forward_with_deltas(inputs, raw), targets)
-        cos.setdefault("OCD (1 draw)", []).append(_cosine(raw, oracle))
+            meter(Row.OCD_UNCALIBRATED).add(ocd.forward_with_deltas(inputs, raw), targets)
+        cos.setdefault(Cosine.OCD, []).append(_cosine(raw, oracle))
         if collection is not None:
             q = (cond.layer_input.float().cpu() - nn_mean) / nn_std
             nearest = torch.cdist(q, nn_keys).argmin(1)
             nn_delta = (
                 collection.get_batch(nearest.numpy())["delta"].to(oracle.device, oracle.dtype).reshape(oracle.shape)
             )
-            meter("nearest-neighbour delta").add(ocd.forward_with_deltas(inputs, nn_delta), targets)
-            cos.setdefault("nearest-neighbour delta", []).append(_cosine(nn_delta, oracle))
+            meter(Row.NEAREST_NEIGHBOUR).add(ocd.forward_with_deltas(inputs, nn_delta), targets)
+            cos.setdefault(Cosine.NEAREST_NEIGHBOUR, []).append(_cosine(nn_delta, oracle))
             rho = ocd.head.scale_net(ocd.head.normalize(cond)).view(-1, *([1] * (raw.dim() - 1)))
             # the same Ω_0 at the mean training scale, uncalibrated like the row it ablates
             no_scale = raw / rho.to(raw.dtype) * mean_scale
-            meter("no-scale ablation (mean training ρ)").add(ocd.forward_with_deltas(inputs, no_scale), targets)
+            meter(Row.NO_SCALE).add(ocd.forward_with_deltas(inputs, no_scale), targets)
         mean_delta = ocd.head.mean_delta.reshape(oracle.shape[1:]).to(oracle.dtype).expand_as(oracle)
-        meter("mean-delta control").add(ocd.forward_with_deltas(inputs, mean_delta.contiguous()), targets)
-        cos.setdefault("mean training delta", []).append(_cosine(mean_delta, oracle))
+        meter(Row.MEAN_DELTA).add(ocd.forward_with_deltas(inputs, mean_delta.contiguous()), targets)
+        cos.setdefault(Cosine.MEAN_DELTA, []).append(_cosine(mean_delta, oracle))
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=adapter.collate_fn())
     for batch in tqdm(loader, desc="evaluating", disable=not progress):
@@ -289,11 +359,13 @@ def evaluate(
                 c.overfit_lr,
                 c.overfit_optimizer,
             )
-            meter("oracle, all layers (test label)").add(out_all, targets)
+            meter(Row.ORACLE_ALL_LAYERS).add(out_all, targets)
         if alternative is not None:
             alt_cond, _ = alternative.conditioning(inputs)
             alt_delta = alternative.generate_deltas(alt_cond, 1, alt_gen)[0]
-            meter(f"OCD on {alternative.config.layer}").add(alternative.forward_with_deltas(inputs, alt_delta), targets)
+            meter(Row.alternative(alternative.config.layer)).add(
+                alternative.forward_with_deltas(inputs, alt_delta), targets
+            )
     health = {}
     if ocd.state.target_std:
         health = {"omega_std": sum(omega_std) / len(omega_std), "target_std": float(ocd.state.target_std)}

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-# A healthy x0-denoiser stayed within ±30% of the targets' std in every run we measured; a collapsed
-# one is off by 10-100x. A factor of 2 separates the two with room on both sides.
+# Healthy x0-denoisers and collapsed ones sample spreads far apart (docs/concepts.md, "Sampling health
+# checks"; docs/findings.md): a factor of 2 separates the two with room on both sides.
 HEALTHY_RATIO = (0.5, 2.0)
 
 
