@@ -222,7 +222,7 @@ def overfit_batch(
         u = torch.einsum("bio,bi->bo", delta, v) if is_hf_conv1d(layer) else torch.einsum("boi,bi->bo", delta, v)
         energy = u.pow(2).sum(1) / delta.flatten(1).pow(2).sum(1).clamp_min(1e-30)
         delta = u
-    scale = delta.flatten(1).std(dim=1)
+    scale = _row_std(delta.flatten(1))
     # a sample's std is finite exactly when all its elements are (short of overflowing squares)
     if not torch.isfinite(scale).all():
         bad = (~torch.isfinite(scale)).nonzero().flatten().tolist()
@@ -240,6 +240,12 @@ def overfit_batch(
         model_output=model_output,
         loss_before=loss_before,
     )
+
+
+def _row_std(x: torch.Tensor) -> torch.Tensor:
+    """Unbiased std of every row; two plain passes run faster on CPU than torch.std's reduction."""
+    centred = x - x.mean(dim=1, keepdim=True)
+    return centred.pow_(2).sum(dim=1).div_(max(x.shape[1] - 1, 1)).sqrt_()
 
 
 @torch.no_grad()
