@@ -27,13 +27,16 @@ def delta_output(
             f"Batch of {x.shape[0]} inputs reached the target layer but {delta.shape[0]} per-sample deltas were "
             "given; the layer's input must have the batch as its first dimension and match the deltas."
         )
-    if isinstance(module, nn.Linear):
-        out = torch.einsum("b...i,boi->b...o", x, delta.to(x.dtype))
-        if delta_bias is not None:
-            out = out + delta_bias.to(x.dtype).view(delta_bias.shape[0], *([1] * (out.dim() - 2)), -1)
-        return out
-    if is_hf_conv1d(module):
-        out = torch.einsum("b...i,bio->b...o", x, delta.to(x.dtype))
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+        # bmm with the delta as the left factor (Linear) makes the delta's gradient a contiguous bmm
+        # result; einsum's permuted one had to be copied again before it was accumulated
+        b, d = x.shape[0], delta.to(x.dtype)
+        tokens = x.reshape(b, -1, x.shape[-1])  # [B, T, in]
+        if isinstance(module, nn.Linear):
+            out = torch.bmm(d, tokens.transpose(1, 2)).transpose(1, 2)  # [B, T, out]
+        else:  # transformers Conv1D: the delta is [B, in, out]
+            out = torch.bmm(tokens, d)
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
         if delta_bias is not None:
             out = out + delta_bias.to(x.dtype).view(delta_bias.shape[0], *([1] * (out.dim() - 2)), -1)
         return out
