@@ -195,3 +195,15 @@ def test_4096_layer_default_fit_stays_under_3gib(tmp_path, samples):
     grown = int(res.stdout.strip().splitlines()[-1])
     # one batch of full Adam deltas would be 4 x [samples, 4096, 4096] float32 = 4 GiB at 64 samples
     assert grown < 3 * 2**30, f"peak RSS grew by {grown / 2**30:.2f} GiB"
+
+
+def test_fit_passes_max_memory_and_overfit_settings(small_cnn, image_data):
+    from conftest import TINY_HEAD, TINY_TRAIN
+
+    from ocd_hf import OCDConfig, OCDWrapper
+
+    cfg = OCDConfig(layer="fc1", overfit_steps=2, overfit_lr=1e-3, overfit_optimizer="sgd", target="factored")
+    assert OverfitSettings.from_config(cfg) == OverfitSettings(2, 1e-3, "sgd", False, "factored")
+    ocd = OCDWrapper.from_pretrained(small_cnn, layer="fc1", **TINY_HEAD)
+    with pytest.raises(CollectionMemoryError, match="'fc1'"):
+        ocd.fit(image_data, loss="cross_entropy", num_train_steps=1, max_memory=1000, **TINY_TRAIN)

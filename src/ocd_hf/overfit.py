@@ -90,10 +90,6 @@ def make_optimizer(params: list[torch.Tensor], name: str, lr: float, fused: bool
     raise ValueError(f"Unknown overfit optimizer {name!r}; use 'adam' or 'sgd'.")
 
 
-class _Stop(Exception):
-    """Ends a probe forward once the model output is known."""
-
-
 def probe_layer(model: nn.Module, layer: nn.Module, inputs: Any, forward_fn: ForwardFn = default_forward) -> LayerProbe:
     """Run the first sample of `inputs` without gradients and record what the target layer sees.
 
@@ -159,7 +155,12 @@ def overfit_batch(
         needs_probe = factored and optimizer == "adam"
         probe = probe_layer(model, layer, inputs, forward_fn) if needs_probe else None
         method = overfit_method(layer, optimizer, target, probe)
-    if method not in ("full", "factored-sgd", "rank-one-adam") or (method != "full" and not factored):
+    fits = {
+        "full": True,
+        "factored-sgd": factored and optimizer == "sgd",
+        "rank-one-adam": factored and optimizer == "adam",
+    }
+    if not fits.get(method, False):
         raise ValueError(f"method={method!r} does not apply to target={target!r}, optimizer={optimizer!r}.")
     rank_one = method == "rank-one-adam"
     direct = method != "full"
