@@ -10,6 +10,7 @@ collection starts). A request that cannot fit even one sample is refused before 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .capture import is_channels_first
 from .per_sample import out_features
 
 DEFAULT_FRACTION = 0.5
@@ -93,13 +95,6 @@ class LayerProbe:
         return self.calls == 1 and len(self.input_shape) == 1
 
 
-def math_prod(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
-
-
 @dataclass(frozen=True)
 class CollectionPlan:
     """How a collection batch is split: `chunk_size` samples are overfitted together.
@@ -142,14 +137,15 @@ def sample_bytes(layer: nn.Module, optimizer: str, method: str, probe: LayerProb
         delta_side = 8 * out_features(layer)
     acts = 0
     if probe is not None:  # the layer's input and output kept by autograd for every step
-        acts = (steps + 1) * (math_prod(probe.input_shape) + probe.output_numel)
+        acts = (steps + 1) * (math.prod(probe.input_shape) + probe.output_numel)
     return int((delta_side + acts) * size)
 
 
 def stored_bytes(layer: nn.Module, target: str, probe: LayerProbe | None) -> int:
     """Float32 bytes one sample adds to the shard in memory (target, conditioning, scalars)."""
     size = layer.weight.numel() if target == "full" else out_features(layer)
-    cond = 0 if probe is None else probe.input_shape[-1] + probe.output_numel + probe.model_output_numel
+    pooled_in = 0 if probe is None else probe.input_shape[0 if is_channels_first(layer) else -1]
+    cond = 0 if probe is None else pooled_in + probe.output_numel + probe.model_output_numel
     return 4 * (size + cond + 8)
 
 
