@@ -207,3 +207,22 @@ def test_fit_passes_max_memory_and_overfit_settings(small_cnn, image_data):
     ocd = OCDWrapper.from_pretrained(small_cnn, layer="fc1", **TINY_HEAD)
     with pytest.raises(CollectionMemoryError, match="'fc1'"):
         ocd.fit(image_data, loss="cross_entropy", num_train_steps=1, max_memory=1000, **TINY_TRAIN)
+
+
+def test_reused_buffers_give_identical_deltas(small_cnn):
+    from ocd_hf.buffers import reuse_buffers
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(20, 1, 8, 8, generator=g), torch.randint(0, 5, (20,), generator=g)
+    plain = [
+        overfit_batch(small_cnn, small_cnn.fc1, x[a:b], y[a:b], cross_entropy) for a, b in ((0, 8), (8, 16), (16, 20))
+    ]
+    with reuse_buffers() as pool:
+        for (a, b), ref in zip(((0, 8), (8, 16), (16, 20)), plain):
+            r = overfit_batch(small_cnn, small_cnn.fc1, x[a:b], y[a:b], cross_entropy)
+            assert torch.equal(r.delta, ref.delta) and torch.equal(r.scale, ref.scale)
+            if b == 8:
+                grad_buffer = pool.spare["grad"].data_ptr()
+            elif b == 16:  # same chunk shape: autograd wrote the gradient into the pooled buffer again
+                assert pool.spare["grad"].data_ptr() == grad_buffer
+    assert not pool.buffers and not pool.spare

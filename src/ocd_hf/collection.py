@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from .buffers import reuse_buffers
 from .constants import COLLECTION_MANIFEST, SHARD_PATTERN
 from .losses import LossFn
 from .memory import CollectionPlan, plan_collection
@@ -93,7 +94,8 @@ def collect_deltas(
     bar = tqdm(total=sum(map(shard_len, mine)), desc="overfitting samples", disable=not progress, unit="sample")
     bar.update(sum(map(shard_len, mine)) - sum(map(shard_len, todo)))
     plan: CollectionPlan | None = None
-    with ThreadPoolExecutor(max_workers=1) as writer:  # shard k is written while shard k+1 is computed
+    # shard k is written while shard k+1 is computed; weight-sized tensors are reused from chunk to chunk
+    with ThreadPoolExecutor(max_workers=1) as writer, reuse_buffers():
         pending: Future | None = None
         for k in todo:
             start, stop = k * shard_size, min((k + 1) * shard_size, n)

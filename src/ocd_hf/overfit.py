@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .buffers import BufferPool, current_pool
 from .capture import capture_layer, pool
 from .layers import is_hf_conv1d
 from .losses import LossFn
@@ -168,7 +169,11 @@ def overfit_batch(
     with eval_mode(model):
         batch = _batch_size(inputs, targets)
         shape = (out_features(layer),) if direct else tuple(weight.shape)
-        delta = torch.zeros(batch, *shape, device=weight.device, dtype=weight.dtype, requires_grad=True)
+        buffers = None if direct else current_pool()
+        if buffers is None:
+            delta = torch.zeros(batch, *shape, device=weight.device, dtype=weight.dtype, requires_grad=True)
+        else:
+            delta = buffers.get("delta", (batch, *shape), weight.dtype, weight.device).zero_().requires_grad_()
         delta_bias = None
         params = [delta]
         if include_bias and getattr(layer, "bias", None) is not None:
@@ -179,6 +184,14 @@ def overfit_batch(
         fused = weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
         stepped = params[1:] if rank_one else params
         opt = make_optimizer(stepped, optimizer, lr, fused=fused) if stepped else None
+        if buffers is not None and optimizer == "adam":
+            # Adam's moments from the pool, zeroed as Adam's own lazy initialisation would make them
+            step_device = weight.device if opt.defaults.get("fused") else torch.device("cpu")
+            opt.state[delta] = {
+                "step": torch.zeros((), dtype=torch.float32, device=step_device),
+                "exp_avg": buffers.get("exp_avg", delta.shape, delta.dtype, delta.device).zero_(),
+                "exp_avg_sq": buffers.get("exp_avg_sq", delta.shape, delta.dtype, delta.device).zero_(),
+            }
         moments = (torch.zeros_like(delta), torch.zeros_like(delta)) if rank_one else None
         # the layers before `layer` see the same inputs at every step: run them once (ocd_hf.prefix)
         with (
@@ -207,8 +220,12 @@ def overfit_batch(
                 losses.sum().backward(inputs=params)
                 if opt is not None:
                     opt.step()
+                if buffers is not None and delta.grad is not None:
+                    buffers.give("grad", delta.grad)  # the next backward writes its gradient into it
+                    delta.grad = None
                 if rank_one:
                     _rank_one_adam_step(delta, moments, cap.layer_input, lr, step + 1)
+    delta.grad = None
     delta = delta.detach()
     energy = None
     if method == "factored-sgd":
@@ -223,7 +240,7 @@ def overfit_batch(
         u = torch.einsum("bio,bi->bo", delta, v) if is_hf_conv1d(layer) else torch.einsum("boi,bi->bo", delta, v)
         energy = u.pow(2).sum(1) / delta.flatten(1).pow(2).sum(1).clamp_min(1e-30)
         delta = u
-    scale = _row_std(delta.flatten(1))
+    scale = _row_std(delta.flatten(1), None if factored else buffers)
     # a sample's std is finite exactly when all its elements are (short of overflowing squares)
     if not torch.isfinite(scale).all():
         bad = (~torch.isfinite(scale)).nonzero().flatten().tolist()
@@ -243,9 +260,10 @@ def overfit_batch(
     )
 
 
-def _row_std(x: torch.Tensor) -> torch.Tensor:
+def _row_std(x: torch.Tensor, buffers: BufferPool | None = None) -> torch.Tensor:
     """Unbiased std of every row; two plain passes run faster on CPU than torch.std's reduction."""
-    centred = x - x.mean(dim=1, keepdim=True)
+    out = None if buffers is None else buffers.get("centred", x.shape, x.dtype, x.device)
+    centred = torch.sub(x, x.mean(dim=1, keepdim=True), out=out)
     return centred.pow_(2).sum(dim=1).div_(max(x.shape[1] - 1, 1)).sqrt_()
 
 
