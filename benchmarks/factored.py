@@ -3,33 +3,37 @@
 1. The digits demo (LeNet fc2, 84x120): cosine of the generated delta to the oracle delta (in full
    weight space: the factored u v̂ᵀ is expanded), OCD cross-entropy / accuracy, rank-one energy kept
    by the collected targets, head training steps/s, OCD inference latency (batch 32, median), head size.
-2. A synthetic 4096x4096 Linear: collection and one denoiser training step per target, to show where
-   the full target stops on a CPU.
+2. The docs' 4096x4096 example (an MLP, layer "2", 64 random samples): collection time, peak RSS
+   growth (each variant in its own process) and cosine to the full-Adam oracle, for factored SGD, the
+   default rank-one Adam and full Adam then projected (chunked to 3 GiB); and a whole default `fit`.
 
-Run (from the project root): python -m benchmarks.factored [--steps 1000] [--seed 0]
+Run (from the project root): python -m benchmarks.factored [--steps 1000] [--seed 0] [--threads 1] [--skip-digits] [--big-samples 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from ocd_hf import OCDConfig, OCDWrapper
-from ocd_hf.capture import Conditioning
 from ocd_hf.demo import LeNetDigits, load_digits_split, train_base
-from ocd_hf.denoiser import ConditionalUNet1D
 from ocd_hf.evaluation import Row, evaluate
 from ocd_hf.losses import cross_entropy
 from ocd_hf.overfit import overfit_batch
 from ocd_hf.per_sample import factored_to_full
-from ocd_hf.state import HeadShapes
 
 
 def median_time(fn, repeats=5):
@@ -80,38 +84,100 @@ def digits(steps: int, seed: int) -> None:
         )
 
 
-def big_layer() -> None:
-    torch.manual_seed(0)
+def big_model(samples: int, seed: int = 0) -> tuple[nn.Module, TensorDataset]:
+    """The docs' example: an MLP with a 4096x4096 hidden layer ("2") and `samples` random inputs."""
+    torch.manual_seed(seed)
     m = nn.Sequential(nn.Linear(16, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4))
-    x, y = torch.randn(4, 16), torch.randint(0, 4, (4,))
-    print("\nsynthetic 4096x4096 Linear, batch of 4 samples")
-    for target, opt in (("full", "adam"), ("factored", "adam"), ("factored", "sgd")):
-        t = median_time(
-            lambda: overfit_batch(
-                m, m[2], x, y, cross_entropy, optimizer=opt, lr=0.01 if opt == "sgd" else 5e-4, target=target
-            ),
-            3,
-        )
-        # delta, its gradient and Adam's two moments (SGD keeps no state): 4 or 2 tensors per sample
-        n_tensors = 4 if opt == "adam" else 2
-        per_sample = 4096 * 4096 if (target == "full" or opt == "adam") else 4096
-        mib = 4 * per_sample * 4 * n_tensors / 2**20
-        print(f"collection {target:8s} {opt}: {t * 1000:.0f} ms / 4 samples; delta-side tensors ≈ {mib:.3f} MiB")
-    for target, shape in (("full", (4096, 4096)), ("factored", (4096, 1))):
-        cfg = OCDConfig(layer="2", target=target)
-        shapes = HeadShapes(
-            weight_shape=(4096, 4096), target_shape=shape, input_dim=4096, activation_dim=4096, output_dim=4
-        )
-        d = ConditionalUNet1D(cfg, shapes)
-        c = Conditioning(torch.randn(2, 4096), torch.randn(2, 4096), torch.randn(2, 4))
-        omega = torch.randn(2, *shape)
+    g = torch.Generator().manual_seed(seed + 1)
+    return m, TensorDataset(torch.randn(samples, 16, generator=g), torch.randint(0, 4, (samples,), generator=g))
 
-        def step():
-            d(omega, torch.tensor([5, 500]), c).pow(2).mean().backward()
 
-        t = median_time(step, 1 if target == "full" else 3)
-        params = sum(p.numel() for p in d.parameters()) / 1e6
-        print(f"denoiser {target:8s}: one training step at batch 2 = {t:.2f} s; {params:.1f}M parameters")
+# variant -> (overfit settings, overfit_batch method, max_memory); "fit" runs OCDWrapper.fit with defaults
+BIG_VARIANTS = {
+    "factored, SGD (lr 0.01)": (dict(optimizer="sgd", lr=0.01), None, None),
+    "factored, Adam, rank-one (default)": ({}, None, None),
+    "factored, Adam on the full delta, projected (max_memory 3GiB)": ({}, "full", "3GiB"),
+}
+
+
+def big_child(variant: str, samples: int, out_dir: str) -> None:
+    """One variant in a fresh process, so that ru_maxrss is its own peak; prints a JSON line."""
+    from ocd_hf.collection import collect_deltas
+    from ocd_hf.integrations import TorchAdapter
+    from ocd_hf.overfit import OverfitSettings
+
+    m, data = big_model(samples)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if variant == "fit":
+        ocd = OCDWrapper.from_pretrained(m, layer="2", config=OCDConfig(target="factored"))
+        ocd.fit(data, loss="cross_entropy", num_train_steps=20, progress=False, collect_dir=out_dir)
+        ocd(data.tensors[0][:2])
+    else:
+        kw, method, max_memory = BIG_VARIANTS[variant]
+        a = TorchAdapter(m)
+        settings = OverfitSettings(target="factored", **kw)
+        if method is not None:  # the planner (and so every chunk) uses this method instead of its choice
+            import ocd_hf.memory as memory
+
+            memory.overfit_method = lambda *args, **kwargs: method
+        collect_deltas(
+            m,
+            "2",
+            data,
+            cross_entropy,
+            out_dir,
+            settings,
+            split_batch=a.split_batch,
+            forward_fn=a.forward,
+            batch_size=64,
+            max_memory=max_memory,
+            progress=False,
+        )
+    seconds = time.perf_counter() - t0
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    print(json.dumps({"variant": variant, "seconds": seconds, "peak_rss_growth": grown}))
+
+
+def big_layer(samples: int, threads: int | None) -> None:
+    """Collection on the 4096x4096 layer: time, peak RSS and cosine to the full-Adam oracle, per variant."""
+    print(f"\nsynthetic 4096x4096 Linear (docs/factored.md example), {samples} samples, collection batch 64")
+    print("| variant | collection time (s) | peak RSS growth (GiB) | cos(u, full-Adam u) min / mean | energy kept |")
+    print("|---|---|---|---|---|")
+    results, stores = {}, {}
+    with tempfile.TemporaryDirectory() as root:
+        for i, variant in enumerate([*BIG_VARIANTS, "fit"]):
+            out_dir = os.path.join(root, str(i))
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.factored",
+                "--big-child",
+                variant,
+                "--big-samples",
+                str(samples),
+                "--out",
+                out_dir,
+            ]
+            if threads:
+                cmd += ["--threads", str(threads)]
+            res = subprocess.run(
+                cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1]
+            )
+            results[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+            from ocd_hf.collection import DeltaStore
+
+            stores[variant] = DeltaStore(out_dir).get_batch(range(samples))
+        oracle = stores["factored, Adam on the full delta, projected (max_memory 3GiB)"]["delta"]
+        for variant, r in results.items():
+            u = stores[variant]["delta"]
+            cos = F.cosine_similarity(u, oracle)
+            energy = stores[variant]["energy"].mean().item()
+            name = "OCDWrapper.fit, default config, 20 head steps (whole run)" if variant == "fit" else variant
+            print(
+                f"| {name} | {r['seconds']:.1f} | {r['peak_rss_growth'] / 2**30:.2f} | "
+                f"{cos.min():.6f} / {cos.mean():.6f} | {energy:.3f} |"
+            )
 
 
 def main() -> None:
@@ -122,12 +188,20 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-big", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-digits", action="store_true")
+    p.add_argument("--big-samples", type=int, default=64)
+    p.add_argument("--big-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    digits(args.steps, args.seed)
+    if args.big_child:
+        big_child(args.big_child, args.big_samples, args.out)
+        return
+    if not args.skip_digits:
+        digits(args.steps, args.seed)
     if not args.skip_big:
-        big_layer()
+        big_layer(args.big_samples, args.threads)
 
 
 if __name__ == "__main__":

@@ -645,6 +645,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--words", type=int, default=60, help="words per synthetic SetFit text")
     p.add_argument("--max-length", type=int, default=128, help="SetFit tokens per text, as in examples/setfit_ocd.py")
     p.add_argument("--tasks", nargs="+", default=["lenet5", "mlp", "setfit"], choices=list(PAPER_GPU_BATCH1))
+    p.add_argument("--collection-only", action="store_true", help="only section 1 (collection)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.batch_sizes = 1, [64]
@@ -665,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Sampled deltas have std", category=RuntimeWarning)
     rec = Recorder()
     bench_collection(rec, args)
-    for name in args.tasks:
+    for name in [] if args.collection_only else args.tasks:
         bench_task(rec, name, args)
     meta = {
         "command": f"{COMMAND} " + " ".join(sys.argv[1:] if argv is None else argv),

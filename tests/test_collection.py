@@ -8,9 +8,10 @@ from safetensors.torch import load_file
 from ocd_hf.collection import DeltaStore, collect_deltas
 from ocd_hf.integrations import TorchAdapter
 from ocd_hf.losses import cross_entropy
+from ocd_hf.overfit import OverfitSettings
 
 
-def run(model, data, path, loss=cross_entropy, **kw):
+def run(model, data, path, loss=cross_entropy, settings=None, **kw):
     a = TorchAdapter(model)
     return collect_deltas(
         model,
@@ -18,6 +19,7 @@ def run(model, data, path, loss=cross_entropy, **kw):
         data,
         loss,
         path,
+        settings,
         split_batch=a.split_batch,
         forward_fn=a.forward,
         batch_size=8,
@@ -69,7 +71,7 @@ def test_resume_after_kill_loses_and_repeats_nothing(small_cnn, image_data, tmp_
 def test_settings_change_refused(small_cnn, image_data, tmp_path):
     run(small_cnn, image_data, tmp_path / "c")
     with pytest.raises(ValueError, match="other settings"):
-        run(small_cnn, image_data, tmp_path / "c", lr=1e-2)
+        run(small_cnn, image_data, tmp_path / "c", settings=OverfitSettings(lr=1e-2))
     manifest = json.loads((tmp_path / "c" / "collection.json").read_text())
     assert manifest["overfit"]["lr"] == 5e-4
 

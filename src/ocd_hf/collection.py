@@ -13,6 +13,7 @@ import math
 import os
 import struct
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from .buffers import reuse_buffers
 from .constants import COLLECTION_MANIFEST, SHARD_PATTERN
 from .losses import LossFn
-from .overfit import ForwardFn, overfit_batch
+from .memory import CollectionPlan, plan_collection
+from .overfit import ForwardFn, OverfitSettings, overfit_batch, probe_layer, take_range
 
 KEYS = ("delta", "scale", "layer_input", "layer_output", "model_output", "loss_before", "index")
 
@@ -36,27 +39,30 @@ def collect_deltas(
     dataset: Dataset,
     loss_fn: LossFn,
     output_dir: str | os.PathLike,
+    settings: OverfitSettings | None = None,
     *,
     split_batch: Callable[[Any], tuple[Any, torch.Tensor]],
     forward_fn: ForwardFn,
     collate_fn: Callable | None = None,
     to_device: Callable[[Any], Any] = lambda b: b,
-    steps: int = 3,
-    lr: float = 5e-4,
-    optimizer: str = "adam",
-    include_bias: bool = False,
-    target: str = "full",
     batch_size: int = 64,
     shard_size: int = 4096,
+    max_memory: int | str | None = None,
     progress: bool = True,
     process_index: int = 0,
     num_processes: int = 1,
 ) -> DeltaStore | None:
     """Overfit `layer_name` on every sample of `dataset` and write Δ_s, ρ_s and I(x) to `output_dir`.
 
+    Each batch is overfitted in chunks that fit `max_memory` (bytes or "8GiB"; by default a fraction of
+    the memory available at the start, see `ocd_hf.memory`); the deltas do not depend on the chunking.
     With several processes (accelerate), process i writes shards k with k % num_processes == i and
     returns None; the caller waits for all processes and then opens the `DeltaStore`.
+
+    Raises:
+        CollectionMemoryError: Not even one sample fits the budget (raised before any delta is allocated).
     """
+    s = settings or OverfitSettings()
     n = len(dataset)
     if n == 0:
         raise ValueError("The dataset is empty: nothing to overfit.")
@@ -68,8 +74,8 @@ def collect_deltas(
         "weight_shape": list(layer.weight.shape),
         "num_samples": n,
         "shard_size": shard_size,
-        "overfit": {"steps": steps, "lr": lr, "optimizer": optimizer, "include_bias": include_bias},
-        "target": target,
+        "overfit": {"steps": s.steps, "lr": s.lr, "optimizer": s.optimizer, "include_bias": s.include_bias},
+        "target": s.target,
     }
     mpath = out / COLLECTION_MANIFEST
     if mpath.exists():
@@ -87,27 +93,66 @@ def collect_deltas(
     shard_len = lambda k: min(shard_size, n - k * shard_size)  # noqa: E731
     bar = tqdm(total=sum(map(shard_len, mine)), desc="overfitting samples", disable=not progress, unit="sample")
     bar.update(sum(map(shard_len, mine)) - sum(map(shard_len, todo)))
-    for k in todo:
-        start, stop = k * shard_size, min((k + 1) * shard_size, n)
-        loader = DataLoader(
-            Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
-        )
-        parts: dict[str, list[torch.Tensor]] = {key: [] for key in KEYS + (("energy",) if target == "factored" else ())}
-        pos = start
-        for batch in loader:
-            inputs, targets = split_batch(to_device(batch))
-            r = overfit_batch(
-                model, layer, inputs, targets, loss_fn, forward_fn, steps, lr, optimizer, include_bias, target
+    plan: CollectionPlan | None = None
+    # shard k is written while shard k+1 is computed; weight-sized tensors are reused from chunk to chunk
+    with ThreadPoolExecutor(max_workers=1) as writer, reuse_buffers():
+        pending: Future | None = None
+        for k in todo:
+            start, stop = k * shard_size, min((k + 1) * shard_size, n)
+            loader = DataLoader(
+                Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
             )
-            b = r.delta.shape[0]
-            for key in parts:
-                if key != "index":
-                    parts[key].append(getattr(r, key).float().cpu())
-            parts["index"].append(torch.arange(pos, pos + b))
-            pos += b
-            bar.update(b)
-        tensors = {key: torch.cat(v).contiguous() for key, v in parts.items()}
-        _atomic_save(tensors, out / SHARD_PATTERN.format(k))
+            keys = KEYS + (("energy",) if s.target == "factored" else ())
+            tensors: dict[str, torch.Tensor] = {"index": torch.arange(start, stop)}
+            pos = 0
+            for batch in loader:
+                inputs, targets = split_batch(to_device(batch))
+                if plan is None:
+                    plan = plan_collection(
+                        layer_name,
+                        layer,
+                        optimizer=s.optimizer,
+                        target=s.target,
+                        batch_size=batch_size,
+                        shard_size=shard_size,
+                        num_samples=n,
+                        probe=probe_layer(model, layer, inputs, forward_fn),
+                        steps=s.steps,
+                        max_memory=max_memory,
+                    )
+                b = targets.shape[0]
+                for c0 in range(0, b, plan.chunk_size):
+                    c1 = min(c0 + plan.chunk_size, b)
+                    r = overfit_batch(
+                        model,
+                        layer,
+                        take_range(inputs, c0, c1),
+                        targets[c0:c1],
+                        loss_fn,
+                        forward_fn,
+                        s.steps,
+                        s.lr,
+                        s.optimizer,
+                        s.include_bias,
+                        s.target,
+                        method=plan.method,
+                    )
+                    for key in keys:
+                        if key == "index":
+                            continue
+                        value = getattr(r, key)
+                        if key not in tensors:  # the shard is assembled in place: one copy of it in memory
+                            tensors[key] = torch.empty(stop - start, *value.shape[1:], dtype=torch.float32)
+                        tensors[key][pos + c0 : pos + c1] = value
+                    del r
+                pos += b
+                bar.update(b)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_atomic_save, tensors, out / SHARD_PATTERN.format(k))
+            del tensors
+        if pending is not None:
+            pending.result()
     bar.close()
     return DeltaStore(out) if num_processes == 1 else None
 

@@ -8,6 +8,7 @@ optimizer over Δ is exactly B independent per-sample optimizers.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .buffers import BufferPool, current_pool
 from .capture import capture_layer, pool
 from .layers import is_hf_conv1d
 from .losses import LossFn
+from .memory import LayerProbe, overfit_method
 from .modes import eval_mode
 from .per_sample import out_features, per_sample_weights
 from .prefix import reuse_prefix
@@ -44,19 +47,72 @@ class OverfitResult:
     energy: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class OverfitSettings:
+    """How every sample is overfitted (Alg. 1): the `overfit_*` and `target` fields of `OCDConfig`.
+
+    Args:
+        steps: Optimizer steps per sample.
+        lr: Their learning rate.
+        optimizer: "adam" or "sgd".
+        include_bias: Also overfit the layer's bias.
+        target: "full" (the whole weight delta) or "factored" (u with Δ ≈ u v̂ᵀ).
+    """
+
+    steps: int = 3
+    lr: float = 5e-4
+    optimizer: str = "adam"
+    include_bias: bool = False
+    target: str = "full"
+
+    @classmethod
+    def from_config(cls, config: Any) -> OverfitSettings:
+        """The settings an `OCDConfig` asks for."""
+        return cls(
+            config.overfit_steps, config.overfit_lr, config.overfit_optimizer, config.overfit_bias, config.target
+        )
+
+
+# torch.optim.Adam's defaults, named because the rank-one path repeats Adam's update rule
+ADAM_BETAS = (0.9, 0.999)
+
+
 def make_optimizer(params: list[torch.Tensor], name: str, lr: float, fused: bool = False) -> torch.optim.Optimizer:
     if name == "adam":
         # the fused kernel makes one pass over memory per step instead of several, with the same update
         # rule; collection speed is measured in docs/results.md
         if fused:
             try:
-                return torch.optim.Adam(params, lr=lr, fused=True)
+                return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS, fused=True)
             except RuntimeError:  # a device / dtype without the fused kernel
                 pass
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     raise ValueError(f"Unknown overfit optimizer {name!r}; use 'adam' or 'sgd'.")
+
+
+def probe_layer(model: nn.Module, layer: nn.Module, inputs: Any, forward_fn: ForwardFn = default_forward) -> LayerProbe:
+    """Run the first sample of `inputs` without gradients and record what the target layer sees.
+
+    Used to choose the overfitting method and to size collection chunks before any delta is allocated.
+    """
+    seen: list[tuple[tuple[int, ...], int]] = []
+
+    def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        seen.append((tuple(args[0].shape[1:]), output[0].numel()))
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = forward_fn(model, take(inputs, 0))
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError("The target layer did not run in the model's forward; check the layer name.")
+    return LayerProbe(
+        input_shape=seen[0][0], output_numel=seen[0][1], model_output_numel=pool(out)[0].numel(), calls=len(seen)
+    )
 
 
 def overfit_batch(
@@ -72,27 +128,53 @@ def overfit_batch(
     include_bias: bool = False,
     target: str = "full",
     reuse: bool = True,
+    method: str | None = None,
 ) -> OverfitResult:
     """Overfit `layer` on every sample of the batch separately; the model is in eval mode meanwhile.
 
-    target="factored" returns u [B, out] with Δ ≈ u v̂ᵀ, v̂ the normalised (token-averaged) layer input.
-    With SGD the optimisation runs on u directly and never builds [B, out, in]: for 2-D layer inputs
-    this equals full SGD exactly (every SGD step is δ aᵀ). With Adam the full Δ is optimised and then
-    projected, u = Δ v̂, and the kept energy ‖u‖²/‖Δ‖² is reported.
+    target="factored" returns u [B, out] with Δ ≈ u v̂ᵀ, v̂ the normalised (token-averaged) layer input,
+    and never builds [B, out, in] when it can avoid it (`method`, chosen by `ocd_hf.memory.overfit_method`
+    from a one-sample probe when None):
+
+    - "factored-sgd": u is optimised directly. For 2-D layer inputs this equals full SGD exactly (every
+      SGD step is δ aᵀ).
+    - "rank-one-adam" (Adam, one input vector a per sample): every gradient δ_k aᵀ is rank one, so Adam's
+      moments are M_k[o]·a[i] and V_k[o]·a[i]², and each step is -lr·m̂_k[o]/√v̂_k[o]·sign(a[i]) up to
+      Adam's eps. The full delta is U sign(a)ᵀ: Adam runs on [B, out] and u = Δ v̂ = U ‖a‖₁/‖a‖₂.
+      Elementwise the only difference to torch.optim.Adam is eps: |g| / (|g| + eps) is taken as 1.
+    - "full": the full Δ is optimised (Adam on token inputs) and projected, u = Δ v̂.
+
+    The kept energy ‖u‖²/‖Δ‖² is reported (exactly 1 for SGD on 2-D inputs, NaN where not measured).
     """
     if target not in ("full", "factored"):
         raise ValueError(f"target={target!r}; use 'full' or 'factored'.")
     factored = target == "factored"
-    direct = factored and optimizer == "sgd"
     if factored and not (isinstance(layer, nn.Linear) or is_hf_conv1d(layer)):
         raise TypeError(
             f"target='factored' supports Linear and transformers Conv1D layers, not {type(layer).__name__}."
         )
+    if method is None:
+        needs_probe = factored and optimizer == "adam"
+        probe = probe_layer(model, layer, inputs, forward_fn) if needs_probe else None
+        method = overfit_method(layer, optimizer, target, probe)
+    fits = {
+        "full": True,
+        "factored-sgd": factored and optimizer == "sgd",
+        "rank-one-adam": factored and optimizer == "adam",
+    }
+    if not fits.get(method, False):
+        raise ValueError(f"method={method!r} does not apply to target={target!r}, optimizer={optimizer!r}.")
+    rank_one = method == "rank-one-adam"
+    direct = method != "full"
     weight = layer.weight
     with eval_mode(model):
         batch = _batch_size(inputs, targets)
         shape = (out_features(layer),) if direct else tuple(weight.shape)
-        delta = torch.zeros(batch, *shape, device=weight.device, dtype=weight.dtype, requires_grad=True)
+        buffers = None if direct else current_pool()
+        if buffers is None:
+            delta = torch.zeros(batch, *shape, device=weight.device, dtype=weight.dtype, requires_grad=True)
+        else:
+            delta = buffers.get("delta", (batch, *shape), weight.dtype, weight.device).zero_().requires_grad_()
         delta_bias = None
         params = [delta]
         if include_bias and getattr(layer, "bias", None) is not None:
@@ -100,9 +182,18 @@ def overfit_batch(
                 batch, *layer.bias.shape, device=weight.device, dtype=weight.dtype, requires_grad=True
             )
             params.append(delta_bias)
-        opt = make_optimizer(
-            params, optimizer, lr, fused=weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-        )
+        fused = weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        stepped = params[1:] if rank_one else params
+        opt = make_optimizer(stepped, optimizer, lr, fused=fused) if stepped else None
+        if buffers is not None and optimizer == "adam":
+            # Adam's moments from the pool, zeroed as Adam's own lazy initialisation would make them
+            step_device = weight.device if opt.defaults.get("fused") else torch.device("cpu")
+            opt.state[delta] = {
+                "step": torch.zeros((), dtype=torch.float32, device=step_device),
+                "exp_avg": buffers.get("exp_avg", delta.shape, delta.dtype, delta.device).zero_(),
+                "exp_avg_sq": buffers.get("exp_avg_sq", delta.shape, delta.dtype, delta.device).zero_(),
+            }
+        moments = (torch.zeros_like(delta), torch.zeros_like(delta)) if rank_one else None
         # the layers before `layer` see the same inputs at every step: run them once (ocd_hf.prefix)
         with (
             reuse_prefix(model, layer, reuse),
@@ -123,34 +214,79 @@ def overfit_batch(
                     )
                 if step == 0:
                     loss_before = losses.detach()
-                opt.zero_grad(set_to_none=True)
+                    if rank_one and cap.input_ndim != 2:
+                        raise ValueError("method='rank-one-adam' needs one input vector per sample ([B, in]).")
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
                 losses.sum().backward(inputs=params)
-                opt.step()
+                if opt is not None:
+                    opt.step()
+                if buffers is not None and delta.grad is not None:
+                    buffers.give("grad", delta.grad)  # the next backward writes its gradient into it
+                    delta.grad = None
+                if rank_one:
+                    _rank_one_adam_step(delta, moments, cap.layer_input, lr, step + 1)
+    delta.grad = None
     delta = delta.detach()
-    if not torch.isfinite(delta).all():
-        bad = (~torch.isfinite(delta.flatten(1))).any(dim=1).nonzero().flatten().tolist()
-        raise FloatingPointError(
-            f"Non-finite deltas for batch positions {bad[:10]} (loss before overfitting: "
-            f"{loss_before[bad[:10]].tolist()}). Lower overfit_lr or check the inputs and labels."
-        )
     energy = None
-    if direct:
+    if method == "factored-sgd":
         energy = torch.full((batch,), 1.0 if cap.input_ndim == 2 else float("nan"), device=delta.device)
+    elif rank_one:
+        a = cap.layer_input.to(delta.dtype)
+        l1, l2sq, nnz = a.abs().sum(1), a.pow(2).sum(1), (a != 0).sum(1).to(delta.dtype)
+        kept = l1.pow(2) / (l2sq * nnz).clamp_min(1e-30)
+        energy = torch.where(delta.pow(2).sum(1) > 0, kept, torch.zeros_like(kept))
     elif factored:
         v = cap.layer_input / cap.layer_input.norm(dim=1, keepdim=True).clamp_min(1e-12)
         u = torch.einsum("bio,bi->bo", delta, v) if is_hf_conv1d(layer) else torch.einsum("boi,bi->bo", delta, v)
         energy = u.pow(2).sum(1) / delta.flatten(1).pow(2).sum(1).clamp_min(1e-30)
         delta = u
+    scale = _row_std(delta.flatten(1), None if factored else buffers)
+    # a sample's std is finite exactly when all its elements are (short of overflowing squares)
+    if not torch.isfinite(scale).all():
+        bad = (~torch.isfinite(scale)).nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"Non-finite deltas for batch positions {bad[:10]} (loss before overfitting: "
+            f"{loss_before[bad[:10]].tolist()}). Lower overfit_lr or check the inputs and labels."
+        )
     return OverfitResult(
         delta=delta,
         delta_bias=None if delta_bias is None else delta_bias.detach(),
-        scale=delta.flatten(1).std(dim=1),
+        scale=scale,
         energy=energy,
         layer_input=cap.layer_input,
         layer_output=cap.layer_output,
         model_output=model_output,
         loss_before=loss_before,
     )
+
+
+def _row_std(x: torch.Tensor, buffers: BufferPool | None = None) -> torch.Tensor:
+    """Unbiased std of every row; two plain passes run faster on CPU than torch.std's reduction."""
+    out = None if buffers is None else buffers.get("centred", x.shape, x.dtype, x.device)
+    centred = torch.sub(x, x.mean(dim=1, keepdim=True), out=out)
+    return centred.pow_(2).sum(dim=1).div_(max(x.shape[1] - 1, 1)).sqrt_()
+
+
+@torch.no_grad()
+def _rank_one_adam_step(
+    u: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor], a: torch.Tensor, lr: float, k: int
+) -> None:
+    """Adam step k on Δ = U sign(a)ᵀ carried as u = Δ v̂ (see `overfit_batch`, "rank-one-adam").
+
+    u's gradient is δ·‖a‖₂ for the gradient δ at the layer's output; Adam's m̂/√v̂ is blind to that
+    per-sample constant, so the moments are kept on u's gradient directly.
+    """
+    b1, b2 = ADAM_BETAS
+    m, v = moments
+    g = u.grad
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    a = a.to(u.dtype)
+    l1, l2 = a.abs().sum(1, keepdim=True), a.norm(dim=1, keepdim=True)
+    ratio = torch.where(v > 0, m / v.sqrt().clamp_min(torch.finfo(u.dtype).tiny), torch.zeros_like(m))
+    u.sub_(ratio * (lr * math.sqrt(1 - b2**k) / (1 - b1**k)) * (l1 / l2.clamp_min(1e-30)))
+    u.grad = None
 
 
 def overfit_sequential(
@@ -221,14 +357,19 @@ def overfit_all_layers(
 
 def take(inputs: Any, b: int) -> Any:
     """Sample b of a batch (tensors, dicts, lists / tuples of them), keeping the batch dimension."""
+    return take_range(inputs, b, b + 1)
+
+
+def take_range(inputs: Any, start: int, stop: int) -> Any:
+    """Samples [start, stop) of a batch (tensors, dicts, lists / tuples of them)."""
     if isinstance(inputs, torch.Tensor):
-        return inputs[b : b + 1]
+        return inputs[start:stop]
     if isinstance(inputs, dict) or hasattr(inputs, "items"):
-        return {k: take(v, b) for k, v in inputs.items()}
+        return {k: take_range(v, start, stop) for k, v in inputs.items()}
     if isinstance(inputs, (list, tuple)):
         if inputs and all(isinstance(v, (torch.Tensor, dict)) for v in inputs):
-            return type(inputs)(take(v, b) for v in inputs)
-        return inputs[b : b + 1]  # a list of raw samples, e.g. strings
+            return type(inputs)(take_range(v, start, stop) for v in inputs)
+        return inputs[start:stop]  # a list of raw samples, e.g. strings
     return inputs
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .buffers import BufferPool, current_pool
 from .layers import check_supported, is_hf_conv1d
 
 
@@ -27,13 +28,19 @@ def delta_output(
             f"Batch of {x.shape[0]} inputs reached the target layer but {delta.shape[0]} per-sample deltas were "
             "given; the layer's input must have the batch as its first dimension and match the deltas."
         )
-    if isinstance(module, nn.Linear):
-        out = torch.einsum("b...i,boi->b...o", x, delta.to(x.dtype))
-        if delta_bias is not None:
-            out = out + delta_bias.to(x.dtype).view(delta_bias.shape[0], *([1] * (out.dim() - 2)), -1)
-        return out
-    if is_hf_conv1d(module):
-        out = torch.einsum("b...i,bio->b...o", x, delta.to(x.dtype))
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+        # bmm with the delta as the left factor (Linear) makes the delta's gradient a contiguous bmm
+        # result; einsum's permuted one had to be copied again before it was accumulated
+        b, d = x.shape[0], delta.to(x.dtype)
+        tokens = x.reshape(b, -1, x.shape[-1])  # [B, T, in]
+        pool = current_pool()
+        if isinstance(module, nn.Linear) and pool is not None and d.requires_grad:
+            out = _PooledLinearDelta.apply(tokens, d, pool)
+        elif isinstance(module, nn.Linear):
+            out = torch.bmm(d, tokens.transpose(1, 2)).transpose(1, 2)  # [B, T, out]
+        else:  # transformers Conv1D: the delta is [B, in, out]
+            out = torch.bmm(tokens, d)
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
         if delta_bias is not None:
             out = out + delta_bias.to(x.dtype).view(delta_bias.shape[0], *([1] * (out.dim() - 2)), -1)
         return out
@@ -50,6 +57,31 @@ def delta_output(
         return out
     check_supported(module)
     raise AssertionError("unreachable")
+
+
+class _PooledLinearDelta(torch.autograd.Function):
+    """tokens [B, T, in] through per-sample deltas [B, out, in] -> [B, T, out], as the plain bmm does.
+
+    The delta's gradient is the same bmm as autograd's, written into a buffer taken from the pool;
+    autograd adopts it as the delta's .grad, and `overfit_batch` gives it back after the optimizer step.
+    """
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, d: torch.Tensor, pool: BufferPool) -> torch.Tensor:
+        ctx.save_for_backward(tokens, d)
+        ctx.pool = pool
+        return torch.bmm(d, tokens.transpose(1, 2)).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        tokens, d = ctx.saved_tensors
+        grad_out = grad.transpose(1, 2)  # [B, out, T]
+        grad_d = grad_tokens = None
+        if ctx.needs_input_grad[1]:
+            grad_d = torch.bmm(grad_out, tokens, out=ctx.pool.take("grad", d.shape, d.dtype, d.device))
+        if ctx.needs_input_grad[0]:
+            grad_tokens = torch.bmm(grad_out.transpose(1, 2), d)
+        return grad_tokens, grad_d, None
 
 
 def out_features(module: nn.Module) -> int:

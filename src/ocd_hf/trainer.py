@@ -27,6 +27,7 @@ from .cross_fit import cross_fit_collect
 from .head import OCDHead
 from .layers import layer_fingerprint
 from .losses import LossFn, resolve_loss
+from .overfit import OverfitSettings
 from .selection import SelectionReport, select_layer
 from .state import HeadShapes, Provenance
 from .training import train_head
@@ -207,17 +208,14 @@ class OCDTrainer:
             dataset,
             self.loss_fn,
             out,
+            OverfitSettings.from_config(c),
             split_batch=ocd.adapter.split_batch,
             forward_fn=ocd.adapter.forward,
             collate_fn=ocd.adapter.collate_fn(),
             to_device=lambda b: ocd.adapter.to_device(b, ocd.device),
-            steps=c.overfit_steps,
-            lr=c.overfit_lr,
-            optimizer=c.overfit_optimizer,
-            include_bias=c.overfit_bias,
-            target=c.target,
             batch_size=self.args.collect_batch_size,
             shard_size=self.args.shard_size,
+            max_memory=self.args.max_memory,
             progress=self.progress,
             process_index=pi,
             num_processes=np_,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ConfigError, check_fields
+from .memory import parse_memory
 
 # Keys that OCDConfig held before the split; `from_pretrained(model, layer=..., num_train_steps=...)` still
 # accepts them (with a FutureWarning) and routes them here.
@@ -31,6 +32,9 @@ class OCDTrainingArguments:
             (shared by all processes) when None.
         output_dir: Where training checkpoints go (resume after a kill); none are written when None.
         shard_size: Samples per collection shard.
+        max_memory: Memory budget of collection, in bytes or as "8GiB" / "500MB": each collection batch is
+            overfitted in chunks that fit it (the deltas do not change). None: half of the memory available
+            when collection starts (free GPU memory on CUDA).
         resume: Resume collection and training from what `collect_dir` / `output_dir` already hold.
         num_folds: Folds of cross-fitted collection (with `OCDTrainer(cross_fit=train_fn)`).
         calibration_grid: `delta_scale` values tried on the evaluation set (0, the base model, is always added).
@@ -51,6 +55,7 @@ class OCDTrainingArguments:
     collect_dir: str | None = None
     output_dir: str | None = None
     shard_size: int = 4096
+    max_memory: int | str | None = None
     resume: bool = True
     num_folds: int = 5
     calibration_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
@@ -73,6 +78,11 @@ class OCDTrainingArguments:
             bad.append("num_folds")
         if any(g < 0 for g in self.calibration_grid):
             bad.append("calibration_grid")
+        if self.max_memory is not None:
+            try:
+                parse_memory(self.max_memory)
+            except ValueError as e:
+                raise ConfigError(f"OCDTrainingArguments.{e}") from None
         if bad:
             raise ConfigError(
                 f"OCDTrainingArguments.{bad[0]}={getattr(self, bad[0])!r} is out of range "
