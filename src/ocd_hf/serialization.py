@@ -2,18 +2,22 @@
 
 A head folder holds
 - `ocd_config.json`: the settings (`OCDConfig`);
-- `ocd_state.json`: shapes, provenance, fitted values and the diffusers configs the head was built with;
+- `ocd_state.json`: shapes, provenance, fitted values, the diffusers configs the head was built with and
+  the sha256 of `ocd_head.safetensors`;
 - `ocd_head.safetensors`: `OCDHead.state_dict()` (denoiser, scale net, normalisation buffers);
 - `README.md`: a model card.
 
 Everything here works on a `HeadRecord` plus a state dict; nothing imports the wrapper. Heads are read
-from safetensors only (pickle files are refused, never opened), and a folder saved by ocd_hf 0.1
-(one flat `ocd_config.json`) still loads.
+from safetensors only (pickle files are refused, never opened); every key that saving writes is
+required when reading a current-format folder, and the tensors must match their recorded sha256. A
+folder saved by ocd_hf 0.1 (one flat `ocd_config.json`) or before checksums (format 2) still loads, with
+a warning that its tensors cannot be verified.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,7 +31,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from .config import ConfigError, OCDConfig
 from .constants import CONFIG_NAME, HEAD_NAME, MODEL_CARD_NAME, STATE_NAME
@@ -37,7 +42,9 @@ from .sampling import make_sampling_scheduler
 from .state import FittedState, HeadShapes, Provenance, from_dict, to_dict
 from .version import __version__
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Keys that format 3 added; a format-2 folder (saved before checksums) may lack them.
+_NEW_IN_3 = {"head_sha256", "provenance.model_fingerprint"}
 HEAD_FILES = (CONFIG_NAME, STATE_NAME, HEAD_NAME, MODEL_CARD_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -53,6 +60,8 @@ class HeadRecord:
     denoiser_config: dict[str, Any] | None = None
     scheduler_config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    head_sha256: str | None = None
+    format_version: int = FORMAT_VERSION
 
     def state_json(self) -> str:
         d = {
@@ -62,6 +71,7 @@ class HeadRecord:
             "fitted": to_dict(self.fitted),
             "denoiser_config": self.denoiser_config,
             "scheduler_config": self.scheduler_config,
+            "head_sha256": self.head_sha256,
         }
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
@@ -105,13 +115,16 @@ def make_record(
 def save_head_folder(
     target: str | os.PathLike, record: HeadRecord, state_dict: dict[str, torch.Tensor], card: Any
 ) -> Path:
-    """Write a head folder, all files or none (see `replace_folder`)."""
+    """Write a head folder, all files or none (see `replace_folder`); `ocd_state.json` records the
+    sha256 of the tensor file."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    data = save_bytes(state, metadata={"format": "pt"})
+    record = dataclasses.replace(record, head_sha256=hashlib.sha256(data).hexdigest())
 
     def write(folder: Path) -> None:
         (folder / CONFIG_NAME).write_text(record.config.to_json_string(), encoding="utf-8")
         (folder / STATE_NAME).write_text(record.state_json(), encoding="utf-8")
-        save_file(state, str(folder / HEAD_NAME), metadata={"format": "pt"})
+        (folder / HEAD_NAME).write_bytes(data)
         card.save(folder / MODEL_CARD_NAME)
 
     return replace_folder(target, write)
@@ -198,29 +211,65 @@ def _read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_record(config_path: str | os.PathLike, state_path: str | os.PathLike | None) -> HeadRecord:
-    """`ocd_config.json` (+ `ocd_state.json`) -> HeadRecord; a 0.1 folder has no state file."""
+    """`ocd_config.json` (+ `ocd_state.json`) -> HeadRecord; a 0.1 folder has no state file.
+
+    Every key that `save_head_folder` writes must be present (a deleted key would otherwise fall back to
+    a default and silently change outputs); errors name the file and the key.
+    """
     raw = _read_json(config_path)
     if state_path is None:
         return _legacy_record(raw, str(config_path))
-    config = OCDConfig.from_dict(raw, source=str(config_path))
     d = _read_json(state_path)
     src = str(state_path)
     version = d.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or not 2 <= version <= FORMAT_VERSION:
         raise ConfigError(
-            f"{src}: format_version {version!r} is not one this ocd_hf ({FORMAT_VERSION}) reads; upgrade ocd_hf."
+            f"{src}: format_version {version!r} is not one this ocd_hf reads (2 to {FORMAT_VERSION}); "
+            "upgrade ocd_hf, or re-save the head."
         )
-    missing = [k for k in ("shapes", "provenance", "fitted") if k not in d]
-    if missing:
-        raise ConfigError(f"{src} lacks {missing}: it was not written by OCDWrapper.save_pretrained.")
+    optional = _NEW_IN_3 if version < 3 else set()
+    _require_keys(raw, [f.name for f in dataclasses.fields(OCDConfig)], str(config_path), "", optional)
+    config = OCDConfig.from_dict(raw, source=str(config_path))
+    top = ["shapes", "provenance", "fitted", "denoiser_config", "scheduler_config", "head_sha256"]
+    _require_keys(d, top, src, "", optional)
+    parts = {}
+    for key, cls in (("shapes", HeadShapes), ("provenance", Provenance), ("fitted", FittedState)):
+        if isinstance(d[key], dict):
+            _require_keys(d[key], [f.name for f in dataclasses.fields(cls)], src, f"{key}.", optional)
+        parts[key] = from_dict(cls, d[key], source=f"{src} ({key})")
+    if parts["provenance"].layer_fingerprint is None:
+        raise ConfigError(
+            f"{src}: provenance.layer_fingerprint is null; saving always records it, so the file was edited. "
+            "Without it the base-weight check is off: restore the file (re-download or re-save the head)."
+        )
+    if parts["fitted"].target_std is None:
+        warnings.warn(
+            f"{src}: fitted.target_std is null, so the sampling health check is off for this head.", stacklevel=3
+        )
+    sha = d.get("head_sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
+        raise ConfigError(f"{src}: head_sha256={sha!r} is not a sha256 hex digest.")
     return HeadRecord(
         config=config,
-        shapes=from_dict(HeadShapes, d["shapes"], source=f"{src} (shapes)"),
-        provenance=from_dict(Provenance, d["provenance"], source=f"{src} (provenance)"),
-        fitted=from_dict(FittedState, d["fitted"], source=f"{src} (fitted)"),
-        denoiser_config=d.get("denoiser_config"),
-        scheduler_config=d.get("scheduler_config"),
+        shapes=parts["shapes"],
+        provenance=parts["provenance"],
+        fitted=parts["fitted"],
+        denoiser_config=d["denoiser_config"],
+        scheduler_config=d["scheduler_config"],
+        head_sha256=sha,
+        format_version=version,
     )
+
+
+def _require_keys(d: dict[str, Any], keys: list[str], src: str, prefix: str, optional: set[str]) -> None:
+    missing = [prefix + k for k in keys if k not in d and prefix + k not in optional]
+    if missing:
+        raise ConfigError(
+            f"{src} lacks {missing}: OCDWrapper.save_pretrained always writes "
+            f"{'them' if len(missing) > 1 else 'it'}, so the file was edited or truncated. Restore it "
+            "(re-download with force_download=True, or re-save the head); a missing value is never "
+            "replaced by a default, since that would change the head's outputs."
+        )
 
 
 # The 0.1 flat config: which keys went where.
@@ -250,6 +299,7 @@ def _legacy_record(raw: dict[str, Any], src: str) -> HeadRecord:
         raw.pop(k, None)
     denoiser_config, scheduler_config = raw.pop("denoiser_config", None), raw.pop("scheduler_config", None)
     return HeadRecord(
+        format_version=1,
         config=OCDConfig.from_dict(raw, source=src),
         shapes=from_dict(HeadShapes, shapes, source=src),
         provenance=from_dict(Provenance, provenance, source=src),
@@ -259,10 +309,41 @@ def _legacy_record(raw: dict[str, Any], src: str) -> HeadRecord:
     )
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of `ocd_head.safetensors` on CPU; a damaged file raises OSError naming the remedy."""
+def read_state_dict(
+    path: str | os.PathLike, expected_sha256: str | None = None, *, verify_checksum: bool = True
+) -> dict[str, torch.Tensor]:
+    """Tensors of `ocd_head.safetensors` on CPU, checked against the sha256 recorded at save.
+
+    Args:
+        path: The tensor file.
+        expected_sha256: The digest from `ocd_state.json`; None for heads saved before checksums (a
+            warning says the tensors cannot be verified).
+        verify_checksum: False accepts a file whose digest differs (with a warning), e.g. a head whose
+            tensors were edited on purpose.
+
+    A damaged file raises OSError naming the remedy.
+    """
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is None:
+        warnings.warn(
+            f"{path} has no recorded sha256 (saved by an older ocd_hf), so changes to its tensors cannot be "
+            "detected. Re-save the head with this version to record one.",
+            stacklevel=3,
+        )
+    elif digest != expected_sha256:
+        msg = (
+            f"{path} has sha256 {digest[:12]}…, but {STATE_NAME} records {expected_sha256[:12]}… for it: the file "
+            "changed after it was saved (corrupted download, disk error or an edit)."
+        )
+        if verify_checksum:
+            raise OSError(
+                msg + " Download it again (from_pretrained(..., force_download=True) for a Hub head) or re-save "
+                "the head; pass verify_checksum=False to load the changed tensors anyway."
+            )
+        warnings.warn(msg + " Loading anyway (verify_checksum=False).", stacklevel=3)
     try:
-        state = load_file(str(path), device="cpu")
+        state = load_bytes(data)
     except SafetensorError as e:
         raise OSError(
             f"{path} is corrupted or truncated ({e}). Delete it and download it again "
