@@ -192,7 +192,7 @@ def test_hub_cache_subfolder_offline(trained, tmp_path, offline):
 
 
 def test_invalid_source_names_it(trained):
-    with pytest.raises(ValueError, match="neither a local folder nor a valid Hub repo id"):
+    with pytest.raises(FileNotFoundError, match="neither a local folder nor a valid Hub repo id"):
         OCDWrapper.from_pretrained(trained.model, "./no/such//folder")
 
 

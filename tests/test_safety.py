@@ -154,3 +154,91 @@ def test_bad_config_values_name_the_file(head, edit, message):
     with pytest.raises(ConfigError, match=message) as err:
         load(head)
     assert str(head / CONFIG_NAME) in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def test_subfolder_may_not_leave_the_head_folder(head, tmp_path):
+    for bad in ("../head", "a/../../head", "..", "/etc", "a\\..\\..\\x"):
+        with pytest.raises(ValueError, match="leaves the head folder"):
+            load(tmp_path / "unused", subfolder=bad)
+    (head.parent / "outer").mkdir()
+    with pytest.raises(ValueError, match="leaves the head folder"):
+        load(head.parent / "outer", subfolder="../head")
+
+
+@pytest.mark.parametrize("source", ["./outputs/head", "outputs/run1/head", "../head", "/no/such/head", "a\\b"])
+def test_missing_path_fails_locally_without_the_hub(tmp_path, monkeypatch, source):
+    from ocd_hf import hub
+
+    monkeypatch.chdir(tmp_path)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was contacted for a path")
+
+    monkeypatch.setattr(hub, "hf_hub_download", no_network)
+    with pytest.raises(FileNotFoundError, match=r"No local folder .* exists .*nor a valid Hub repo id"):
+        load(source)
+
+
+def test_missing_relative_folder_shaped_like_a_repo_id_says_so(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"offline mode is on.*No local folder .*outputs/head exists either"):
+        load("outputs/head", cache_dir=tmp_path / "cache")
+
+
+def test_repo_id_rule():
+    from ocd_hf.hub import looks_like_repo_id
+
+    assert all(map(looks_like_repo_id, ["gpt2", "user/ocd-digits", "org/model.v2", "a_b/c-d"]))
+    assert not any(map(looks_like_repo_id, ["./head", "/abs", "a/b/c", "..", "a/../b", ".hidden", "a/b/", "é/x"]))
+
+
+# ---------------------------------------------------------------------------------------------- killed saves
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_killed_between_renames_restores_the_new_head_at_load(saved, tmp_path):
+    pid = dead_pid()
+    # the state after os.rename(target, old) and before os.rename(tmp, target)
+    shutil.copytree(saved, tmp_path / f".head.old-{pid}-0000abcd")
+    shutil.copytree(saved, tmp_path / f".head.tmp-{pid}-0000abcd")
+    (tmp_path / f".head.tmp-{pid}-0000abcd" / "README.md").write_text("new")
+    with pytest.warns(RuntimeWarning, match=r"was missing: a save was killed.*Restored the new head"):
+        load(tmp_path / "head")
+    assert (tmp_path / "head" / "README.md").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head"]
+
+
+def test_killed_between_renames_restores_the_old_head_when_new_is_incomplete(saved, tmp_path):
+    pid = dead_pid()
+    shutil.copytree(saved, tmp_path / f".head.old-{pid}-0000abcd")
+    (tmp_path / f".head.tmp-{pid}-0000abcd").mkdir()
+    with pytest.warns(RuntimeWarning, match="Restored the previous head"):
+        load(tmp_path / "head")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head"]
+
+
+def test_save_sweeps_debris_of_dead_saves_only(saved, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ocd = load(saved)
+    pid, me = dead_pid(), __import__("os").getpid()
+    for name in (
+        f".head.tmp-{pid}-0000abcd",
+        f".head.old-{pid}-0000abce",
+        ".head.tmp-1234abcd",
+        f".head.tmp-{me}-0000abcf",
+    ):
+        shutil.copytree(saved, tmp_path / name)
+    (tmp_path / ".other.tmp-1234abcd").mkdir()
+    with pytest.warns(RuntimeWarning, match="Restored the previous head"):  # the dead save's old head, first
+        ocd.save_pretrained(tmp_path / "head")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".head.tmp-{me}-0000abcf", ".other.tmp-1234abcd", "head"]

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -133,11 +134,12 @@ def save_head_folder(
 def replace_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run `write` on a fresh sibling folder, then rename it to `target`.
 
-    A crash leaves `target` absent or at its previous complete version, never half written. An existing
-    `target` is replaced as a whole, so it may only contain head files: anything else is refused rather
-    than deleted.
+    A crash leaves `target` absent or at its previous complete version, never half written; the next
+    save (or load) of `target` cleans up after it (`recover_folder`). An existing `target` is replaced as
+    a whole, so it may only contain head files: anything else is refused rather than deleted.
     """
     target = Path(target).absolute()
+    recover_folder(target)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a folder.")
     if target.is_dir():
@@ -148,15 +150,18 @@ def replace_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> 
                 "whole folder, so pick a new or empty folder (or remove those files)."
             )
     target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
+    # The pid in the name tells a later save whether the folder's owner is still running.
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = target.with_name(f".{target.name}.tmp-{tag}")
     old = target.with_name(f".{target.name}.old-{tag}")
     tmp.mkdir()
     try:
         write(tmp)
         for f in tmp.iterdir():
-            _fsync(f)
+            fsync_path(f)
+        fsync_path(tmp)
         # rename() cannot replace a non-empty folder: move the old one aside first, restore it on failure.
+        # A kill between the two renames leaves both folders complete; recover_folder finishes the job.
         if target.exists():
             os.rename(target, old)
         try:
@@ -169,11 +174,77 @@ def replace_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    _fsync(target.parent)
+    fsync_path(target.parent)
     return target
 
 
-def _fsync(path: Path) -> None:
+_SIDE_FOLDER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?(?P<tag>[0-9a-f]{8})$")
+
+
+def recover_folder(target: str | os.PathLike) -> Path | None:
+    """Clean up after saves of `target` that were killed; returns the folder restored as `target`, if any.
+
+    Saving writes `.NAME.tmp-PID-TAG`, moves the previous head to `.NAME.old-PID-TAG` and renames the tmp
+    folder to NAME. When `target` is missing and a dead save left an `.old-` folder, the new head (its
+    tmp folder, complete since it is synced before the renames) or else the old head is renamed back to
+    `target`, with a warning. Side folders of dead saves are then removed; those of running saves are kept.
+    """
+    target = Path(target).absolute()
+    parent = target.parent
+    if not parent.is_dir():
+        return None
+    side: dict[tuple[str, str], Path] = {}
+    for p in parent.iterdir():
+        m = _SIDE_FOLDER.match(p.name)
+        if m and m["name"] == target.name and p.is_dir() and not _pid_alive(m["pid"]):
+            side[(m["kind"], m["tag"])] = p
+    restored = None
+    if not target.exists():
+        olds = sorted((p for (kind, _), p in side.items() if kind == "old"), key=_mtime, reverse=True)
+        for old in olds:
+            tag = _SIDE_FOLDER.match(old.name)["tag"]
+            for candidate in (side.get(("tmp", tag)), old):
+                if candidate is not None and {HEAD_NAME, CONFIG_NAME} <= {f.name for f in candidate.iterdir()}:
+                    os.rename(candidate, target)
+                    restored = candidate
+                    break
+            if restored:
+                break
+        if restored:
+            warnings.warn(
+                f"{target} was missing: a save was killed between its two renames. Restored the "
+                f"{'new' if '.tmp-' in restored.name else 'previous'} head from {restored.name}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    for p in side.values():
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+    return restored
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _pid_alive(pid: str | None) -> bool:
+    """Whether process `pid` runs on this machine (folders named without a pid count as dead)."""
+    if pid is None:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or folder, ignoring file systems that cannot."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -32,6 +32,7 @@ from .config import OCDConfig
 from .head import OCDHead
 from .sampling import make_train_scheduler, training_target
 from .scale import scale_loss
+from .serialization import fsync_path
 from .training_args import OCDTrainingArguments
 
 _CKPT = re.compile(r"^step-(\d+)$")
@@ -241,7 +242,7 @@ def _save_checkpoint(
         save_file(ema_state, str(path / EMA_NAME))
         files = {f.name: _sha256(f) for f in sorted(path.iterdir()) if f.is_file() and f.name != DONE_NAME}
         for f in path.iterdir():
-            _fsync(f)
+            fsync_path(f)
         # "done" marks a finished checkpoint: written last, atomically and synced, so after a kill it is
         # either absent or complete, and it lists the files' hashes so a truncated checkpoint is skipped.
         _atomic_write(path / DONE_NAME, json.dumps({"step": step, "files": files}))
@@ -258,17 +259,4 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync folders
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
