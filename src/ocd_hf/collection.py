@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .constants import COLLECTION_MANIFEST, SHARD_PATTERN
 from .losses import LossFn
+from .manifest import check_or_write_manifest, claim_shards, collection_fingerprints
 from .overfit import ForwardFn, overfit_batch
 
 KEYS = ("delta", "scale", "layer_input", "layer_output", "model_output", "loss_before", "index")
@@ -71,23 +72,15 @@ def collect_deltas(
         "overfit": {"steps": steps, "lr": lr, "optimizer": optimizer, "include_bias": include_bias},
         "target": target,
     }
-    mpath = out / COLLECTION_MANIFEST
-    if mpath.exists():
-        old = json.loads(mpath.read_text())
-        if old != manifest:
-            raise ValueError(
-                f"{out} already holds a collection made with other settings ({old}); "
-                "use a new directory or delete it to start over."
-            )
-    elif process_index == 0:
-        _atomic_write_text(mpath, json.dumps(manifest, indent=2))
+    manifest["fingerprints"] = collection_fingerprints(model, layer, dataset)
+    check_or_write_manifest(out / COLLECTION_MANIFEST, manifest, process_index)
     num_shards = math.ceil(n / shard_size)
     mine = [k for k in range(num_shards) if k % num_processes == process_index]
     todo = [k for k in mine if not (out / SHARD_PATTERN.format(k)).exists()]
     shard_len = lambda k: min(shard_size, n - k * shard_size)  # noqa: E731
     bar = tqdm(total=sum(map(shard_len, mine)), desc="overfitting samples", disable=not progress, unit="sample")
     bar.update(sum(map(shard_len, mine)) - sum(map(shard_len, todo)))
-    for k in todo:
+    for k in claim_shards(out, todo, SHARD_PATTERN.format):
         start, stop = k * shard_size, min((k + 1) * shard_size, n)
         loader = DataLoader(
             Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
@@ -112,6 +105,10 @@ def collect_deltas(
     return DeltaStore(out) if num_processes == 1 else None
 
 
+# Manifest keys that differ between the folds of one cross-fitted collection.
+_PER_FOLDER = ("num_samples", "fingerprints")
+
+
 class DeltaStore(Dataset):
     """Memory-mapped view of a finished collection; `store[i]` is a dict of one sample's tensors.
 
@@ -128,8 +125,8 @@ class DeltaStore(Dataset):
         maps, manifests = [], []
         for folder in paths:
             manifest, shard_maps = _open_collection(folder)
-            if manifests and {k: v for k, v in manifest.items() if k != "num_samples"} != {
-                k: v for k, v in manifests[0].items() if k != "num_samples"
+            if manifests and {k: v for k, v in manifest.items() if k not in _PER_FOLDER} != {
+                k: v for k, v in manifests[0].items() if k not in _PER_FOLDER
             }:
                 raise ValueError(
                     f"Collections {paths[0]} and {folder} were made with different settings; they cannot be read as one."
@@ -248,12 +245,6 @@ def _mmap_safetensors(path: Path) -> dict[str, np.memmap]:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)
