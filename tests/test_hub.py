@@ -107,7 +107,7 @@ def test_model_card_with_evaluation_and_hub_base_model(trained, tmp_path):
     assert card.data.metrics == ["cross_entropy", "accuracy", "ece"]
 
     o = trained.ocd
-    record = serialization.make_record(o.config, o.shapes, o.provenance, o.state, o.head, o.layer)
+    record = serialization.make_record(o.config, o.shapes, o.provenance, o.state, o.head, o.module)
     record.provenance = dataclasses.replace(
         record.provenance, base_model="sentence-transformers/all-MiniLM-L6-v2", base_model_library="transformers"
     )

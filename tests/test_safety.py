@@ -242,3 +242,31 @@ def test_save_sweeps_debris_of_dead_saves_only(saved, tmp_path):
     with pytest.warns(RuntimeWarning, match="Restored the previous head"):  # the dead save's old head, first
         ocd.save_pretrained(tmp_path / "head")
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".head.tmp-{me}-0000abcf", ".other.tmp-1234abcd", "head"]
+
+
+# ---------------------------------------------------------------------------------------------- base model
+def test_model_differing_outside_the_layer_is_refused(head):
+    model = legacy_model()
+    with torch.no_grad():
+        model[0].bias[0] += 1e-3
+    with pytest.raises(ValueError, match="differs outside the target layer.*allow_mismatch=True"):
+        OCDWrapper.from_pretrained(model, head)
+    with pytest.warns(UserWarning, match="Loading anyway"):
+        OCDWrapper.from_pretrained(model, head, allow_mismatch=True)
+
+
+def test_other_output_size_is_named_at_first_call(head):
+    model = nn.Sequential(*legacy_model(), nn.Linear(3, 5))
+    with pytest.warns(UserWarning, match="differs outside the target layer"):
+        ocd = OCDWrapper.from_pretrained(model, head, allow_mismatch=True)
+    with pytest.raises(ValueError, match="output has 5 values per sample, but the head was trained on a model with 3"):
+        ocd(torch.zeros(2, 6))
+
+
+def test_non_finite_input_rows_are_named_as_input_errors(head):
+    ocd = load(head)
+    x = torch.randn(8, 6)
+    x[3, 1] = float("nan")
+    x[6, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"2 of 8 inputs .*batch rows 3 \(.*\), 6 .*the head is not at fault"):
+        ocd(x)

@@ -35,10 +35,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from .config import ConfigError, OCDConfig
+from .config import AUTO, ConfigError, OCDConfig
 from .constants import CONFIG_NAME, HEAD_NAME, MODEL_CARD_NAME, STATE_NAME
 from .head import OCDHead
 from .layers import layer_fingerprint, resolve_layer
+from .manifest import model_fingerprint
 from .sampling import make_sampling_scheduler
 from .state import FittedState, HeadShapes, Provenance, from_dict, to_dict
 from .version import __version__
@@ -100,14 +101,17 @@ def make_record(
     provenance: Provenance,
     fitted: FittedState,
     head: OCDHead,
-    layer: torch.nn.Module | None,
+    model: torch.nn.Module | None,
 ) -> HeadRecord:
-    """The record saved for a fitted head: provenance completed (fingerprint, version), diffusers configs added."""
-    if layer is None or shapes is None:
+    """The record saved for a fitted head: provenance completed (layer and model fingerprints, version),
+    diffusers configs added. `model` is the base model's module."""
+    if model is None or shapes is None or config.layer in (None, AUTO):
         raise ValueError("Only a fitted OCDWrapper (resolved layer, known shapes) can be saved.")
+    layer = model.get_submodule(config.layer)
     provenance = dataclasses.replace(
         provenance,
         layer_fingerprint=provenance.layer_fingerprint or layer_fingerprint(layer.weight),
+        model_fingerprint=provenance.model_fingerprint or model_fingerprint(model),
         library_version=provenance.library_version or __version__,
     )
     return with_diffusers_configs(HeadRecord(config, shapes, provenance, dataclasses.replace(fitted)), head)
@@ -451,6 +455,17 @@ def check_base_layer(record: HeadRecord, adapter: Any, where: str, *, allow_mism
                 f"{trained_for}, with weights of sha256 {prov.layer_fingerprint[:12]}…, but the given model "
                 f"{given} has different weights in that layer (sha256 {fp[:12]}…): its deltas were learned for "
                 "other base weights."
+            )
+            if not allow_mismatch:
+                raise ValueError(msg + " Pass allow_mismatch=True to load it anyway.")
+            warnings.warn(msg + " Loading anyway (allow_mismatch=True).", stacklevel=4)
+    if prov.model_fingerprint is not None:
+        fp = model_fingerprint(adapter.module)
+        if fp is not None and fp != prov.model_fingerprint:
+            msg = (
+                f"The head {where} was trained on {prov.base_model or 'a model'} with parameters of sha256 "
+                f"{prov.model_fingerprint[:12]}…, but the given model {given} differs outside the target layer "
+                f"(sha256 {fp[:12]}…): the conditioning comes from the whole model, so the head sees other inputs."
             )
             if not allow_mismatch:
                 raise ValueError(msg + " Pass allow_mismatch=True to load it anyway.")
