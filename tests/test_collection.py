@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -168,3 +169,44 @@ def test_two_concurrent_collectors_share_the_shards(small_cnn, image_data, tmp_p
     # every shard computed by exactly one of the two: together they made as many forward calls as one run
     assert sum(json.loads((tmp_path / f"n{i}").read_text()) for i in range(2)) == len(calls)
     assert not [p.name for p in (tmp_path / "c").iterdir() if ".tmp" in p.name]
+
+
+# ---------------------------------------------------------------------------------------------- data checks
+def test_bad_labels_and_rows_are_named_by_dataset_index(small_cnn, image_data, tmp_path):
+    x, y = image_data.tensors
+    with pytest.raises(ValueError, match=r"float labels .*dataset indices \[0, 1"):
+        run(small_cnn, torch.utils.data.TensorDataset(x, y.float()), tmp_path / "f")
+    soft = torch.nn.functional.one_hot(y, 5).float()
+    assert len(run(small_cnn, torch.utils.data.TensorDataset(x, soft), tmp_path / "s")) == 40
+    xn = x.clone()
+    xn[25, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"Dataset indices \[25\] hold NaN or inf"):
+        run(small_cnn, torch.utils.data.TensorDataset(xn, y), tmp_path / "n")
+    yi = y.clone()
+    yi[[3, 30]] = -100
+    with pytest.warns(RuntimeWarning, match=r"2 of 40 samples are labelled -100 .*indices \[3, 30\]"):
+        store = run(small_cnn, torch.utils.data.TensorDataset(x, yi), tmp_path / "i")
+    assert store[3]["delta"].abs().sum() == 0 and store[4]["delta"].abs().sum() > 0
+
+
+def test_outlier_row_is_named_and_left_out_of_statistics(small_cnn, image_data, tmp_path):
+    from ocd_hf.data_checks import RobustStatistics
+
+    clean = run(small_cnn, image_data, tmp_path / "clean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = RobustStatistics(clean)
+    for k in ("layer_input", "layer_output", "model_output"):  # no outliers: bit-identical statistics
+        assert torch.equal(same.mean(k), clean.mean(k)) and torch.equal(same.std(k), clean.std(k))
+    x, y = image_data.tensors
+    x = x.clone()
+    x[17] *= 1e6
+    store = run(small_cnn, torch.utils.data.TensorDataset(x, y), tmp_path / "bad")
+    with pytest.warns(RuntimeWarning, match=r"dataset indices \[17\]"):
+        robust = RobustStatistics(store)
+    assert robust.excluded == [17]
+    # without row 17 the spread is that of the clean rows, not blown up by one sample
+    keep = [i for i in range(40) if i != 17]
+    ref = clean.get_batch(keep)["layer_input"].double()
+    torch.testing.assert_close(robust.std("layer_input"), ref.std(0).float(), rtol=1e-5, atol=1e-6)
+    assert float(store.std("layer_input").max()) > 1e3 > float(robust.std("layer_input").max())

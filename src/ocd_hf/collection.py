@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .constants import COLLECTION_MANIFEST, SHARD_PATTERN
+from .data_checks import check_batch, warn_ignored
 from .losses import LossFn
 from .manifest import check_or_write_manifest, claim_shards, collection_fingerprints
 from .overfit import ForwardFn, overfit_batch
@@ -80,6 +81,7 @@ def collect_deltas(
     shard_len = lambda k: min(shard_size, n - k * shard_size)  # noqa: E731
     bar = tqdm(total=sum(map(shard_len, mine)), desc="overfitting samples", disable=not progress, unit="sample")
     bar.update(sum(map(shard_len, mine)) - sum(map(shard_len, todo)))
+    ignored: list[int] = []
     for k in claim_shards(out, todo, SHARD_PATTERN.format):
         start, stop = k * shard_size, min((k + 1) * shard_size, n)
         loader = DataLoader(
@@ -89,6 +91,7 @@ def collect_deltas(
         pos = start
         for batch in loader:
             inputs, targets = split_batch(to_device(batch))
+            ignored += check_batch(inputs, targets, loss_fn, pos)
             r = overfit_batch(
                 model, layer, inputs, targets, loss_fn, forward_fn, steps, lr, optimizer, include_bias, target
             )
@@ -102,6 +105,7 @@ def collect_deltas(
         tensors = {key: torch.cat(v).contiguous() for key, v in parts.items()}
         _atomic_save(tensors, out / SHARD_PATTERN.format(k))
     bar.close()
+    warn_ignored(ignored, n)
     return DeltaStore(out) if num_processes == 1 else None
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .capture import Conditioning
 from .collection import DeltaStore
 from .config import OCDConfig
+from .data_checks import RobustStatistics
 from .head import OCDHead
 from .sampling import make_train_scheduler, training_target
 from .scale import scale_loss
@@ -129,7 +130,7 @@ def train_head(
     output_dir, resume, checkpoint_every, progress = args.output_dir, args.resume, args.checkpoint_every, args.progress
     accelerator = accelerator or Accelerator()
     torch.manual_seed(args.seed)
-    head.set_statistics(store)
+    head.set_statistics(RobustStatistics(store))  # outlier rows (named in a warning) are left out
     scheduler = make_train_scheduler(config)
     opt = torch.optim.AdamW(head.parameters(), lr=args.learning_rate, weight_decay=0.0)
     total = args.num_train_steps
