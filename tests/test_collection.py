@@ -210,3 +210,20 @@ def test_outlier_row_is_named_and_left_out_of_statistics(small_cnn, image_data, 
     ref = clean.get_batch(keep)["layer_input"].double()
     torch.testing.assert_close(robust.std("layer_input"), ref.std(0).float(), rtol=1e-5, atol=1e-6)
     assert float(store.std("layer_input").max()) > 1e3 > float(robust.std("layer_input").max())
+
+
+def test_retry_after_an_error_in_the_same_process_does_not_wait_for_itself(small_cnn, image_data, tmp_path):
+    calls = []
+
+    def flaky(out, y):
+        calls.append(1)
+        if len(calls) == 9:  # in the second shard
+            raise RuntimeError("interrupted")
+        return cross_entropy(out, y)
+
+    try:
+        run(small_cnn, image_data, tmp_path / "r", loss=flaky)
+    except RuntimeError as e:
+        kept = e  # the traceback keeps the collection's frames, and their shard lock, alive
+    store = run(small_cnn, image_data, tmp_path / "r")
+    assert len(store) == 40 and kept is not None
