@@ -208,3 +208,19 @@ def test_done_marker_lists_hashes_and_old_checkpoints_are_pruned(straight, tmp_p
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-12", "step-9"]  # default limit 2
     with pytest.raises(ValueError, match="save_total_limit"):
         train_args(5, save_total_limit=0)
+
+
+def test_zero_delta_rows_are_skipped_and_counted(small_cnn, image_data, tmp_path):
+    x, y = image_data.tensors
+    y = y.clone()
+    y[[2, 7, 33]] = -100  # cross_entropy's ignore_index: zero loss, zero delta
+    with pytest.warns(RuntimeWarning, match="3 of 40 samples are labelled -100"):
+        store = make_store(small_cnn, torch.utils.data.TensorDataset(x, y), tmp_path / "c")
+    cfg, shapes = head_config(), shapes_of(store)
+    seen = []
+    get_batch = store.get_batch
+    store.get_batch = lambda idx: seen.append(torch.as_tensor(idx).clone()) or get_batch(idx)
+    with pytest.warns(RuntimeWarning, match=r"3 of 40 collected samples have a zero delta .*indices \[2, 7, 33\]"):
+        train_head(OCDHead(cfg, shapes), store, cfg, train_args(6))
+    drawn = set(torch.cat(seen[-6:]).tolist())
+    assert drawn and not drawn & {2, 7, 33}

@@ -70,8 +70,7 @@ def warn_ignored(rows: list[int], n: int) -> None:
     if rows:
         warnings.warn(
             f"{len(rows)} of {n} samples are labelled {IGNORE_INDEX} (cross_entropy's ignore_index) at dataset "
-            f"indices {_show(rows)}: they have no loss, so their deltas are zero. Drop them from the dataset "
-            "unless that is intended.",
+            f"indices {_show(rows)}: they have no loss, so their deltas are zero; head training skips them.",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -97,6 +97,31 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def usable_rows(store: DeltaStore) -> torch.Tensor | None:
+    """Rows with a non-zero delta, or None when that is all of them.
+
+    A sample whose loss has zero gradient (labelled with cross_entropy's ignore_index, or a float32
+    softmax saturated at 1) gets Δ = 0 and ρ = 0: Δ/ρ is undefined and the scale loss on ρ = 0 is
+    ~300 dB, so such rows teach the head nothing but noise. They are left out, with a warning.
+    """
+    scale = store.column("scale")
+    keep = (scale > 0).nonzero().flatten()
+    if len(keep) == len(scale):
+        return None
+    if len(keep) == 0:
+        raise ValueError("Every collected sample has a zero delta (zero loss gradient): there is nothing to learn.")
+    dropped = (scale <= 0).nonzero().flatten()
+    index = store.get_batch(dropped[:10])["index"].tolist()
+    warnings.warn(
+        f"{len(dropped)} of {len(scale)} collected samples have a zero delta (no loss gradient: ignore_index "
+        f"labels or saturated outputs; dataset indices {index}{' …' if len(dropped) > 10 else ''}) and are left "
+        "out of head training.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return keep
+
+
 def omega_batch(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Δ/ρ: each sample's delta at unit scale (the diffusion target)."""
     scale = batch["scale"].clamp_min(1e-12)
@@ -142,7 +167,8 @@ def train_head(
     ema.to(accelerator.device)
 
     start = _resume(accelerator, ema, output_dir) if resume else 0
-    n = len(store)
+    rows = usable_rows(store)  # None: every row
+    n = len(store) if rows is None else len(rows)
     bs = min(args.train_batch_size, n)
     target_shape = head.denoiser.weight_shape
     history: list[dict[str, float]] = []
@@ -154,6 +180,7 @@ def train_head(
             args.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index
         )
         idx = torch.randint(0, n, (bs,), generator=g)
+        idx = idx if rows is None else rows[idx]
         batch = {k: v.to(accelerator.device) for k, v in store.get_batch(idx).items()}
         clean = omega_batch(batch).reshape(bs, *target_shape)
         noise = torch.randn(clean.shape, generator=g).to(accelerator.device)
