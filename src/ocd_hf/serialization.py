@@ -45,8 +45,10 @@ from .state import FittedState, HeadShapes, Provenance, from_dict, to_dict
 from .version import __version__
 
 FORMAT_VERSION = 3
-# Keys that format 3 added; a format-2 folder (saved before checksums) may lack them.
-_NEW_IN_3 = {"head_sha256", "provenance.model_fingerprint"}
+# Keys each format version added (dotted for the state's sections, bare for config keys and the state's
+# top level); a folder of an older version may lack them. Every key saving writes is otherwise required,
+# so a new OCDConfig / state field needs a FORMAT_VERSION bump and an entry here.
+ADDED_IN_VERSION = {3: {"head_sha256", "provenance.model_fingerprint"}}
 HEAD_FILES = (CONFIG_NAME, STATE_NAME, HEAD_NAME, MODEL_CARD_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -302,7 +304,7 @@ def read_record(config_path: str | os.PathLike, state_path: str | os.PathLike | 
             f"{src}: format_version {version!r} is not one this ocd_hf reads (2 to {FORMAT_VERSION}); "
             "upgrade ocd_hf, or re-save the head."
         )
-    optional = _NEW_IN_3 if version < 3 else set()
+    optional = {k for v, keys in ADDED_IN_VERSION.items() if v > version for k in keys}
     _require_keys(raw, [f.name for f in dataclasses.fields(OCDConfig)], str(config_path), "", optional)
     config = OCDConfig.from_dict(raw, source=str(config_path))
     top = ["shapes", "provenance", "fitted", "denoiser_config", "scheduler_config", "head_sha256"]
