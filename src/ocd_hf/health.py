@@ -81,8 +81,9 @@ def check_conditioning(cond: Conditioning, shapes: Any = None) -> Conditioning:
         )
     bad: dict[int, list[str]] = {}
     for key, what in _COND_PARTS.items():
-        t = getattr(cond, key)
-        finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+        t = getattr(cond, key).reshape(getattr(cond, key).shape[0], -1)
+        # -inf logits (masked classes) are a legitimate model output; normalisation clips them
+        finite = (~torch.isnan(t)).all(1) if key == "model_output" else torch.isfinite(t).all(1)
         for row in (~finite).nonzero().flatten().tolist():
             bad.setdefault(row, []).append(what)
     if bad:
