@@ -223,7 +223,7 @@ def debris(parent: Path, name: str) -> list[str]:
     return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
 
 
-def campaign(work: Path, n_kill: int, n_flip: int, rng: random.Random) -> dict[str, dict]:
+def campaign(work: Path, n_kill: int, n_flip: int, rng: random.Random, only: str = "all") -> dict[str, dict]:
     res: dict[str, dict] = {}
 
     def record(kind: str, ok: bool, note: str = "", killed: bool | None = None) -> None:
@@ -237,10 +237,10 @@ def campaign(work: Path, n_kill: int, n_flip: int, rng: random.Random) -> dict[s
 
     # collection kills
     ref = work / "collect-ref"
-    t_collect = timed("collect", out=str(ref), slow=0.005)
+    t_collect = timed("collect", out=str(ref), slow=0.02)
     for i in range(n_kill):
         out = work / f"collect-{i}"
-        killed = kill_after(spawn("collect", out=str(out), slow=0.005), rng.uniform(0, t_collect))
+        killed = kill_after(spawn("collect", out=str(out), slow=0.02), rng.uniform(0, 0.8 * t_collect))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -248,6 +248,9 @@ def campaign(work: Path, n_kill: int, n_flip: int, rng: random.Random) -> dict[s
             record("kill during collection", same_store(ref, out), f"trial {i} differs", killed)
         except Exception as e:
             record("kill during collection", False, f"trial {i} (killed={killed}): {type(e).__name__}: {e}")
+
+    if only == "collection":
+        return res
 
     # training kills
     tref = work / "train-ref"
@@ -433,11 +436,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 kills and 10 flips per kind")
     ap.add_argument("--kills", type=int, default=10, help="random kills per kind (collection, training, save)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=["all", "collection"], default="all", help="collection: only its kill trials")
     a = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ocd-faults-") as tmp:
-        res = campaign(Path(tmp), 3 if a.quick else a.kills, 10 if a.quick else 40, random.Random(a.seed))
+        res = campaign(Path(tmp), 3 if a.quick else a.kills, 10 if a.quick else 40, random.Random(a.seed), a.only)
     total = {k: sum(r[k] for r in res.values()) for k in ("trials", "held", "failed")}
     print(f"{'kind':45s} trials  held  failed  killed mid-run")
     for kind, r in res.items():
