@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 LOCK_NAME = ".lock"
-# Hashing runs at roughly 1 GB/s on one core; below this size a whole-model fingerprint costs < 1 s.
+# A whole-model fingerprint is taken up to this size, where it costs well under a second (docs/sharing.md).
 MODEL_HASH_MAX_BYTES = 256 * 2**20
 SAMPLE_ROWS = 64
 
