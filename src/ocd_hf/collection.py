@@ -13,7 +13,6 @@ import math
 import os
 import struct
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,9 @@ from tqdm.auto import tqdm
 
 from .buffers import reuse_buffers
 from .constants import COLLECTION_MANIFEST, SHARD_PATTERN
+from .data_checks import check_batch, warn_ignored
 from .losses import LossFn
+from .manifest import check_or_write_manifest, claim_shards, collection_fingerprints
 from .memory import CollectionPlan, plan_collection
 from .overfit import ForwardFn, OverfitSettings, overfit_batch, probe_layer, take_range
 
@@ -77,16 +78,8 @@ def collect_deltas(
         "overfit": {"steps": s.steps, "lr": s.lr, "optimizer": s.optimizer, "include_bias": s.include_bias},
         "target": s.target,
     }
-    mpath = out / COLLECTION_MANIFEST
-    if mpath.exists():
-        old = json.loads(mpath.read_text())
-        if old != manifest:
-            raise ValueError(
-                f"{out} already holds a collection made with other settings ({old}); "
-                "use a new directory or delete it to start over."
-            )
-    elif process_index == 0:
-        _atomic_write_text(mpath, json.dumps(manifest, indent=2))
+    manifest["fingerprints"] = collection_fingerprints(model, layer, dataset)
+    check_or_write_manifest(out / COLLECTION_MANIFEST, manifest, process_index)
     num_shards = math.ceil(n / shard_size)
     mine = [k for k in range(num_shards) if k % num_processes == process_index]
     todo = [k for k in mine if not (out / SHARD_PATTERN.format(k)).exists()]
@@ -94,10 +87,11 @@ def collect_deltas(
     bar = tqdm(total=sum(map(shard_len, mine)), desc="overfitting samples", disable=not progress, unit="sample")
     bar.update(sum(map(shard_len, mine)) - sum(map(shard_len, todo)))
     plan: CollectionPlan | None = None
-    # shard k is written while shard k+1 is computed; weight-sized tensors are reused from chunk to chunk
-    with ThreadPoolExecutor(max_workers=1) as writer, reuse_buffers():
-        pending: Future | None = None
-        for k in todo:
+    ignored: list[int] = []
+    # each shard is written while its lock is held, so a concurrent collector never recomputes it;
+    # weight-sized tensors are reused from chunk to chunk
+    with reuse_buffers():
+        for k in claim_shards(out, todo, SHARD_PATTERN.format):
             start, stop = k * shard_size, min((k + 1) * shard_size, n)
             loader = DataLoader(
                 Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
@@ -107,6 +101,7 @@ def collect_deltas(
             pos = 0
             for batch in loader:
                 inputs, targets = split_batch(to_device(batch))
+                ignored += check_batch(inputs, targets, loss_fn, start + pos)
                 if plan is None:
                     plan = plan_collection(
                         layer_name,
@@ -147,14 +142,15 @@ def collect_deltas(
                     del r
                 pos += b
                 bar.update(b)
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(_atomic_save, tensors, out / SHARD_PATTERN.format(k))
+            _atomic_save(tensors, out / SHARD_PATTERN.format(k))
             del tensors
-        if pending is not None:
-            pending.result()
     bar.close()
+    warn_ignored(ignored, n)
     return DeltaStore(out) if num_processes == 1 else None
+
+
+# Manifest keys that differ between the folds of one cross-fitted collection.
+_PER_FOLDER = ("num_samples", "fingerprints")
 
 
 class DeltaStore(Dataset):
@@ -173,8 +169,8 @@ class DeltaStore(Dataset):
         maps, manifests = [], []
         for folder in paths:
             manifest, shard_maps = _open_collection(folder)
-            if manifests and {k: v for k, v in manifest.items() if k != "num_samples"} != {
-                k: v for k, v in manifests[0].items() if k != "num_samples"
+            if manifests and {k: v for k, v in manifest.items() if k not in _PER_FOLDER} != {
+                k: v for k, v in manifests[0].items() if k not in _PER_FOLDER
             }:
                 raise ValueError(
                     f"Collections {paths[0]} and {folder} were made with different settings; they cannot be read as one."
@@ -293,12 +289,6 @@ def _mmap_safetensors(path: Path) -> dict[str, np.memmap]:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)

@@ -1,7 +1,10 @@
-"""Sampling health checks: are sampled Ω_0 inside the training targets' range?
+"""Health checks at inference: is the conditioning usable, and are sampled Ω_0 inside the training
+targets' range?
 
 A collapsed denoiser (e.g. ε-prediction on small data) samples Ω_0 with std 50-150 where the targets
-Δ/ρ have std ≈ 1; deltas built from them wreck the model. This check catches it at generation time.
+Δ/ρ have std ≈ 1; deltas built from them wreck the model. `check_samples` catches it at generation time.
+Before that, `check_conditioning` blames the input, not the head, for rows the model itself turns into
+NaN or inf, and refuses a model whose output has another width than the one the head was trained on.
 """
 
 from __future__ import annotations
@@ -9,8 +12,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .capture import Conditioning
 
 # Healthy x0-denoisers and collapsed ones sample spreads far apart (docs/concepts.md, "Sampling health
 # checks"; docs/findings.md): a factor of 2 separates the two with room on both sides.
@@ -49,3 +56,42 @@ def check_samples(omega: torch.Tensor, target_std: float | None) -> SampleHealth
             stacklevel=3,
         )
     return health
+
+
+_COND_PARTS = {"layer_input": "target layer's input", "layer_output": "target layer's output", "model_output": "output"}
+
+
+def check_conditioning(cond: Conditioning, shapes: Any = None) -> Conditioning:
+    """Return `cond` after checking it against the head's shapes and for non-finite rows.
+
+    Args:
+        cond: I(x) of one batch, from the unmodified model.
+        shapes: The head's `HeadShapes` (None before a head exists: only the finiteness check runs).
+
+    Raises:
+        ValueError: The model's output width differs from training (another base model or classifier),
+            or some rows hold NaN / inf (named by their position in the batch).
+    """
+    out = cond.model_output
+    if shapes is not None and out.shape[-1] != shapes.output_dim:
+        raise ValueError(
+            f"The model's output has {out.shape[-1]} values per sample, but the head was trained on a model "
+            f"with {shapes.output_dim}: it belongs to another base model (or another classifier head). Load the "
+            "base model the head was trained for."
+        )
+    bad: dict[int, list[str]] = {}
+    for key, what in _COND_PARTS.items():
+        t = getattr(cond, key).reshape(getattr(cond, key).shape[0], -1)
+        # -inf logits (masked classes) are a legitimate model output; normalisation clips them
+        finite = (~torch.isnan(t)).all(1) if key == "model_output" else torch.isfinite(t).all(1)
+        for row in (~finite).nonzero().flatten().tolist():
+            bad.setdefault(row, []).append(what)
+    if bad:
+        rows = sorted(bad)
+        where = ", ".join(f"{r} ({' and '.join(bad[r])})" for r in rows[:10]) + (" …" if len(rows) > 10 else "")
+        raise ValueError(
+            f"{len(rows)} of {out.shape[0]} inputs in this batch give non-finite values (NaN or inf) in the base "
+            f"model, at batch rows {where}. The inputs hold NaN / inf or overflow the model; the head is not at "
+            "fault. Clean or drop those rows."
+        )
+    return cond

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,10 +16,15 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 
 from .constants import CONFIG_NAME, HEAD_NAME, LIBRARY_NAME, STATE_NAME
-from .serialization import refuse_pickles
+from .serialization import recover_folder, refuse_pickles
 from .version import __version__
 
 DEFAULT_COMMIT_MESSAGE = "Upload OCD head"
@@ -51,9 +57,16 @@ def resolve_head_files(
     force_download: bool = False,
     local_files_only: bool = False,
 ) -> HeadFiles:
-    """A head's files from a local folder, else from the Hub or its cache (same arguments as `hf_hub_download`)."""
+    """A head's files from a local folder, else from the Hub or its cache (same arguments as `hf_hub_download`).
+
+    A local folder wins over a Hub id of the same name. A source that cannot be a Hub id ("owner/name":
+    at most one "/", no leading "." or "/", no "..") is only looked up locally, so a mistyped path fails
+    at once, without network access. A `subfolder` may not leave the head folder.
+    """
     source = os.fspath(pretrained_head)
-    # A local folder wins over a Hub id of the same name; hf_hub_download would reject the path anyway.
+    check_subfolder(subfolder)
+    if not os.path.isdir(source):
+        recover_folder(source)  # a save killed between its two renames: put the head back (with a warning)
     if os.path.isdir(source):
         folder = Path(source, subfolder) if subfolder else Path(source)
         files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
@@ -67,7 +80,16 @@ def resolve_head_files(
         state = folder / STATE_NAME if STATE_NAME in files else None
         return HeadFiles(folder / CONFIG_NAME, state, folder / HEAD_NAME, str(folder))
 
+    if os.path.exists(source):
+        raise FileNotFoundError(f"{source!r} is a file; pass the folder that holds {CONFIG_NAME} and {HEAD_NAME}.")
+    if not looks_like_repo_id(source):
+        raise FileNotFoundError(
+            f"No local folder {source!r} exists (looked for {os.path.abspath(source)}), and {source!r} is neither "
+            "a local folder nor a valid Hub repo id ('owner/name'). Check the path."
+        )
     where = where_of(source, revision, subfolder)
+    # Said in every Hub error: the user may have meant a local folder of that name.
+    not_local = f" (No local folder {os.path.abspath(source)} exists either.)"
     kwargs = dict(
         revision=revision,
         subfolder=subfolder,
@@ -84,7 +106,13 @@ def resolve_head_files(
         try:
             return hf_hub_download(source, filename, **kwargs)
         except HFValidationError as e:
-            raise ValueError(f"{source!r} is neither a local folder nor a valid Hub repo id ({e}).") from None
+            raise FileNotFoundError(
+                f"{source!r} is neither a local folder nor a valid Hub repo id ({e}).{not_local}"
+            ) from None
+        except RepositoryNotFoundError:
+            raise FileNotFoundError(
+                f"{where} is not a Hub repo you can access (missing, private or gated: pass token=).{not_local}"
+            ) from None
         except LocalEntryNotFoundError as e:
             refuse_pickles(known + ([] if offline else _hub_listing(source, revision, subfolder, token)), where)
             raise FileNotFoundError(
@@ -95,10 +123,11 @@ def resolve_head_files(
                     else "the Hub could not be reached. "
                 )
                 + "Download it once while online, or pass a local folder."
+                + not_local
             ) from e
         except EntryNotFoundError:
             refuse_pickles(known + _hub_listing(source, revision, subfolder, token), where)
-            raise FileNotFoundError(f"{where} has no {filename}; it is not a saved OCD head.") from None
+            raise FileNotFoundError(f"{where} has no {filename}; it is not a saved OCD head.{not_local}") from None
 
     config_path = Path(fetch(CONFIG_NAME, []))
     # Files of this snapshot already in the cache: the only listing available offline.
@@ -106,6 +135,26 @@ def resolve_head_files(
     head_path = Path(fetch(HEAD_NAME, cached))
     state_path = _fetch_state(source, kwargs, config_path, offline, revision, subfolder, token)
     return HeadFiles(config_path, state_path, head_path, where)
+
+
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]{0,95}$", re.ASCII)
+
+
+def looks_like_repo_id(source: str) -> bool:
+    """Whether `source` has the form of a Hub repo id ("name" or "owner/name"); paths such as "./head",
+    "/abs/head", "a/b/c" or "..\\head" do not."""
+    return bool(_REPO_ID.match(source)) and ".." not in source and "--" not in source and not source.endswith(".")
+
+
+def check_subfolder(subfolder: str | None) -> None:
+    """Refuse a subfolder that is absolute or climbs out of the head folder with ".."."""
+    if subfolder is None:
+        return
+    parts = re.split(r"[\\/]", subfolder)
+    if os.path.isabs(subfolder) or subfolder.startswith(("/", "\\")) or ".." in parts:
+        raise ValueError(
+            f"subfolder={subfolder!r} leaves the head folder; give a path inside it (no '..', not absolute)."
+        )
 
 
 def _fetch_state(source, kwargs, config_path: Path, offline: bool, revision, subfolder, token) -> Path | None:

@@ -15,6 +15,7 @@ def load_pretrained(
     source: str | os.PathLike,
     *,
     allow_mismatch: bool = False,
+    verify_checksum: bool = True,
     num_inference_steps: int | None = None,
     **hub_kwargs: Any,
 ) -> dict[str, Any]:
@@ -25,6 +26,8 @@ def load_pretrained(
         source: A local folder, or a Hub repo id (downloaded, or read from the cache when offline).
         allow_mismatch: Accept a target layer whose weights differ from the ones the head was trained on
             (same shape only); a warning says so.
+        verify_checksum: Refuse `ocd_head.safetensors` when its sha256 differs from the one recorded in
+            `ocd_state.json` at save. False loads the changed tensors anyway, with a warning.
         num_inference_steps: Overrides the stored number of DDIM steps.
         **hub_kwargs: `revision`, `subfolder`, `token`, `cache_dir`, `force_download`, `local_files_only`.
     """
@@ -34,7 +37,8 @@ def load_pretrained(
         record.config = record.config.replace(num_inference_steps=num_inference_steps)
     adapter = get_adapter(model)
     layer = check_base_layer(record, adapter, files.where, allow_mismatch=allow_mismatch)
-    head = build_head(record, read_state_dict(files.head), files.where).to(layer.weight.device)
+    state = read_state_dict(files.head, record.head_sha256, verify_checksum=verify_checksum)
+    head = build_head(record, state, files.where).to(layer.weight.device)
     return dict(
         model=model,
         config=record.config,

@@ -2,21 +2,26 @@
 
 A head folder holds
 - `ocd_config.json`: the settings (`OCDConfig`);
-- `ocd_state.json`: shapes, provenance, fitted values and the diffusers configs the head was built with;
+- `ocd_state.json`: shapes, provenance, fitted values, the diffusers configs the head was built with and
+  the sha256 of `ocd_head.safetensors`;
 - `ocd_head.safetensors`: `OCDHead.state_dict()` (denoiser, scale net, normalisation buffers);
 - `README.md`: a model card.
 
 Everything here works on a `HeadRecord` plus a state dict; nothing imports the wrapper. Heads are read
-from safetensors only (pickle files are refused, never opened), and a folder saved by ocd_hf 0.1
-(one flat `ocd_config.json`) still loads.
+from safetensors only (pickle files are refused, never opened); every key that saving writes is
+required when reading a current-format folder, and the tensors must match their recorded sha256. A
+folder saved by ocd_hf 0.1 (one flat `ocd_config.json`) or before checksums (format 2) still loads, with
+a warning that its tensors cannot be verified.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -27,17 +32,23 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
-from .config import ConfigError, OCDConfig
+from .config import AUTO, ConfigError, OCDConfig
 from .constants import CONFIG_NAME, HEAD_NAME, MODEL_CARD_NAME, STATE_NAME
 from .head import OCDHead
 from .layers import layer_fingerprint, resolve_layer
+from .manifest import model_fingerprint
 from .sampling import make_sampling_scheduler
 from .state import FittedState, HeadShapes, Provenance, from_dict, to_dict
 from .version import __version__
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Keys each format version added (dotted for the state's sections, bare for config keys and the state's
+# top level); a folder of an older version may lack them. Every key saving writes is otherwise required,
+# so a new OCDConfig / state field needs a FORMAT_VERSION bump and an entry here.
+ADDED_IN_VERSION = {3: {"head_sha256", "provenance.model_fingerprint"}}
 HEAD_FILES = (CONFIG_NAME, STATE_NAME, HEAD_NAME, MODEL_CARD_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -53,6 +64,8 @@ class HeadRecord:
     denoiser_config: dict[str, Any] | None = None
     scheduler_config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    head_sha256: str | None = None
+    format_version: int = FORMAT_VERSION
 
     def state_json(self) -> str:
         d = {
@@ -62,6 +75,7 @@ class HeadRecord:
             "fitted": to_dict(self.fitted),
             "denoiser_config": self.denoiser_config,
             "scheduler_config": self.scheduler_config,
+            "head_sha256": self.head_sha256,
         }
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
@@ -89,14 +103,17 @@ def make_record(
     provenance: Provenance,
     fitted: FittedState,
     head: OCDHead,
-    layer: torch.nn.Module | None,
+    model: torch.nn.Module | None,
 ) -> HeadRecord:
-    """The record saved for a fitted head: provenance completed (fingerprint, version), diffusers configs added."""
-    if layer is None or shapes is None:
+    """The record saved for a fitted head: provenance completed (layer and model fingerprints, version),
+    diffusers configs added. `model` is the base model's module."""
+    if model is None or shapes is None or config.layer in (None, AUTO):
         raise ValueError("Only a fitted OCDWrapper (resolved layer, known shapes) can be saved.")
+    layer = model.get_submodule(config.layer)
     provenance = dataclasses.replace(
         provenance,
         layer_fingerprint=provenance.layer_fingerprint or layer_fingerprint(layer.weight),
+        model_fingerprint=provenance.model_fingerprint or model_fingerprint(model),
         library_version=provenance.library_version or __version__,
     )
     return with_diffusers_configs(HeadRecord(config, shapes, provenance, dataclasses.replace(fitted)), head)
@@ -105,13 +122,16 @@ def make_record(
 def save_head_folder(
     target: str | os.PathLike, record: HeadRecord, state_dict: dict[str, torch.Tensor], card: Any
 ) -> Path:
-    """Write a head folder, all files or none (see `replace_folder`)."""
+    """Write a head folder, all files or none (see `replace_folder`); `ocd_state.json` records the
+    sha256 of the tensor file."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    data = save_bytes(state, metadata={"format": "pt"})
+    record = dataclasses.replace(record, head_sha256=hashlib.sha256(data).hexdigest())
 
     def write(folder: Path) -> None:
         (folder / CONFIG_NAME).write_text(record.config.to_json_string(), encoding="utf-8")
         (folder / STATE_NAME).write_text(record.state_json(), encoding="utf-8")
-        save_file(state, str(folder / HEAD_NAME), metadata={"format": "pt"})
+        (folder / HEAD_NAME).write_bytes(data)
         card.save(folder / MODEL_CARD_NAME)
 
     return replace_folder(target, write)
@@ -120,11 +140,12 @@ def save_head_folder(
 def replace_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run `write` on a fresh sibling folder, then rename it to `target`.
 
-    A crash leaves `target` absent or at its previous complete version, never half written. An existing
-    `target` is replaced as a whole, so it may only contain head files: anything else is refused rather
-    than deleted.
+    A crash leaves `target` absent or at its previous complete version, never half written; the next
+    save (or load) of `target` cleans up after it (`recover_folder`). An existing `target` is replaced as
+    a whole, so it may only contain head files: anything else is refused rather than deleted.
     """
     target = Path(target).absolute()
+    recover_folder(target)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a folder.")
     if target.is_dir():
@@ -135,15 +156,18 @@ def replace_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> 
                 "whole folder, so pick a new or empty folder (or remove those files)."
             )
     target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
+    # The pid in the name tells a later save whether the folder's owner is still running.
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = target.with_name(f".{target.name}.tmp-{tag}")
     old = target.with_name(f".{target.name}.old-{tag}")
     tmp.mkdir()
     try:
         write(tmp)
         for f in tmp.iterdir():
-            _fsync(f)
+            fsync_path(f)
+        fsync_path(tmp)
         # rename() cannot replace a non-empty folder: move the old one aside first, restore it on failure.
+        # A kill between the two renames leaves both folders complete; recover_folder finishes the job.
         if target.exists():
             os.rename(target, old)
         try:
@@ -156,11 +180,77 @@ def replace_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    _fsync(target.parent)
+    fsync_path(target.parent)
     return target
 
 
-def _fsync(path: Path) -> None:
+_SIDE_FOLDER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?(?P<tag>[0-9a-f]{8})$")
+
+
+def recover_folder(target: str | os.PathLike) -> Path | None:
+    """Clean up after saves of `target` that were killed; returns the folder restored as `target`, if any.
+
+    Saving writes `.NAME.tmp-PID-TAG`, moves the previous head to `.NAME.old-PID-TAG` and renames the tmp
+    folder to NAME. When `target` is missing and a dead save left an `.old-` folder, the new head (its
+    tmp folder, complete since it is synced before the renames) or else the old head is renamed back to
+    `target`, with a warning. Side folders of dead saves are then removed; those of running saves are kept.
+    """
+    target = Path(target).absolute()
+    parent = target.parent
+    if not parent.is_dir():
+        return None
+    side: dict[tuple[str, str], Path] = {}
+    for p in parent.iterdir():
+        m = _SIDE_FOLDER.match(p.name)
+        if m and m["name"] == target.name and p.is_dir() and not _pid_alive(m["pid"]):
+            side[(m["kind"], m["tag"])] = p
+    restored = None
+    if not target.exists():
+        olds = sorted((p for (kind, _), p in side.items() if kind == "old"), key=_mtime, reverse=True)
+        for old in olds:
+            tag = _SIDE_FOLDER.match(old.name)["tag"]
+            for candidate in (side.get(("tmp", tag)), old):
+                if candidate is not None and {HEAD_NAME, CONFIG_NAME} <= {f.name for f in candidate.iterdir()}:
+                    os.rename(candidate, target)
+                    restored = candidate
+                    break
+            if restored:
+                break
+        if restored:
+            warnings.warn(
+                f"{target} was missing: a save was killed between its two renames. Restored the "
+                f"{'new' if '.tmp-' in restored.name else 'previous'} head from {restored.name}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    for p in side.values():
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+    return restored
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _pid_alive(pid: str | None) -> bool:
+    """Whether process `pid` runs on this machine (folders named without a pid count as dead)."""
+    if pid is None:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or folder, ignoring file systems that cannot."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -198,29 +288,65 @@ def _read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_record(config_path: str | os.PathLike, state_path: str | os.PathLike | None) -> HeadRecord:
-    """`ocd_config.json` (+ `ocd_state.json`) -> HeadRecord; a 0.1 folder has no state file."""
+    """`ocd_config.json` (+ `ocd_state.json`) -> HeadRecord; a 0.1 folder has no state file.
+
+    Every key that `save_head_folder` writes must be present (a deleted key would otherwise fall back to
+    a default and silently change outputs); errors name the file and the key.
+    """
     raw = _read_json(config_path)
     if state_path is None:
         return _legacy_record(raw, str(config_path))
-    config = OCDConfig.from_dict(raw, source=str(config_path))
     d = _read_json(state_path)
     src = str(state_path)
     version = d.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or not 2 <= version <= FORMAT_VERSION:
         raise ConfigError(
-            f"{src}: format_version {version!r} is not one this ocd_hf ({FORMAT_VERSION}) reads; upgrade ocd_hf."
+            f"{src}: format_version {version!r} is not one this ocd_hf reads (2 to {FORMAT_VERSION}); "
+            "upgrade ocd_hf, or re-save the head."
         )
-    missing = [k for k in ("shapes", "provenance", "fitted") if k not in d]
-    if missing:
-        raise ConfigError(f"{src} lacks {missing}: it was not written by OCDWrapper.save_pretrained.")
+    optional = {k for v, keys in ADDED_IN_VERSION.items() if v > version for k in keys}
+    _require_keys(raw, [f.name for f in dataclasses.fields(OCDConfig)], str(config_path), "", optional)
+    config = OCDConfig.from_dict(raw, source=str(config_path))
+    top = ["shapes", "provenance", "fitted", "denoiser_config", "scheduler_config", "head_sha256"]
+    _require_keys(d, top, src, "", optional)
+    parts = {}
+    for key, cls in (("shapes", HeadShapes), ("provenance", Provenance), ("fitted", FittedState)):
+        if isinstance(d[key], dict):
+            _require_keys(d[key], [f.name for f in dataclasses.fields(cls)], src, f"{key}.", optional)
+        parts[key] = from_dict(cls, d[key], source=f"{src} ({key})")
+    if parts["provenance"].layer_fingerprint is None:
+        raise ConfigError(
+            f"{src}: provenance.layer_fingerprint is null; saving always records it, so the file was edited. "
+            "Without it the base-weight check is off: restore the file (re-download or re-save the head)."
+        )
+    if parts["fitted"].target_std is None:
+        warnings.warn(
+            f"{src}: fitted.target_std is null, so the sampling health check is off for this head.", stacklevel=3
+        )
+    sha = d.get("head_sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
+        raise ConfigError(f"{src}: head_sha256={sha!r} is not a sha256 hex digest.")
     return HeadRecord(
         config=config,
-        shapes=from_dict(HeadShapes, d["shapes"], source=f"{src} (shapes)"),
-        provenance=from_dict(Provenance, d["provenance"], source=f"{src} (provenance)"),
-        fitted=from_dict(FittedState, d["fitted"], source=f"{src} (fitted)"),
-        denoiser_config=d.get("denoiser_config"),
-        scheduler_config=d.get("scheduler_config"),
+        shapes=parts["shapes"],
+        provenance=parts["provenance"],
+        fitted=parts["fitted"],
+        denoiser_config=d["denoiser_config"],
+        scheduler_config=d["scheduler_config"],
+        head_sha256=sha,
+        format_version=version,
     )
+
+
+def _require_keys(d: dict[str, Any], keys: list[str], src: str, prefix: str, optional: set[str]) -> None:
+    missing = [prefix + k for k in keys if k not in d and prefix + k not in optional]
+    if missing:
+        raise ConfigError(
+            f"{src} lacks {missing}: OCDWrapper.save_pretrained always writes "
+            f"{'them' if len(missing) > 1 else 'it'}, so the file was edited or truncated. Restore it "
+            "(re-download with force_download=True, or re-save the head); a missing value is never "
+            "replaced by a default, since that would change the head's outputs."
+        )
 
 
 # The 0.1 flat config: which keys went where.
@@ -250,6 +376,7 @@ def _legacy_record(raw: dict[str, Any], src: str) -> HeadRecord:
         raw.pop(k, None)
     denoiser_config, scheduler_config = raw.pop("denoiser_config", None), raw.pop("scheduler_config", None)
     return HeadRecord(
+        format_version=1,
         config=OCDConfig.from_dict(raw, source=src),
         shapes=from_dict(HeadShapes, shapes, source=src),
         provenance=from_dict(Provenance, provenance, source=src),
@@ -259,10 +386,41 @@ def _legacy_record(raw: dict[str, Any], src: str) -> HeadRecord:
     )
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of `ocd_head.safetensors` on CPU; a damaged file raises OSError naming the remedy."""
+def read_state_dict(
+    path: str | os.PathLike, expected_sha256: str | None = None, *, verify_checksum: bool = True
+) -> dict[str, torch.Tensor]:
+    """Tensors of `ocd_head.safetensors` on CPU, checked against the sha256 recorded at save.
+
+    Args:
+        path: The tensor file.
+        expected_sha256: The digest from `ocd_state.json`; None for heads saved before checksums (a
+            warning says the tensors cannot be verified).
+        verify_checksum: False accepts a file whose digest differs (with a warning), e.g. a head whose
+            tensors were edited on purpose.
+
+    A damaged file raises OSError naming the remedy.
+    """
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is None:
+        warnings.warn(
+            f"{path} has no recorded sha256 (saved by an older ocd_hf), so changes to its tensors cannot be "
+            "detected. Re-save the head with this version to record one.",
+            stacklevel=3,
+        )
+    elif digest != expected_sha256:
+        msg = (
+            f"{path} has sha256 {digest[:12]}…, but {STATE_NAME} records {expected_sha256[:12]}… for it: the file "
+            "changed after it was saved (corrupted download, disk error or an edit)."
+        )
+        if verify_checksum:
+            raise OSError(
+                msg + " Download it again (from_pretrained(..., force_download=True) for a Hub head) or re-save "
+                "the head; pass verify_checksum=False to load the changed tensors anyway."
+            )
+        warnings.warn(msg + " Loading anyway (verify_checksum=False).", stacklevel=3)
     try:
-        state = load_file(str(path), device="cpu")
+        state = load_bytes(data)
     except SafetensorError as e:
         raise OSError(
             f"{path} is corrupted or truncated ({e}). Delete it and download it again "
@@ -299,6 +457,17 @@ def check_base_layer(record: HeadRecord, adapter: Any, where: str, *, allow_mism
                 f"{trained_for}, with weights of sha256 {prov.layer_fingerprint[:12]}…, but the given model "
                 f"{given} has different weights in that layer (sha256 {fp[:12]}…): its deltas were learned for "
                 "other base weights."
+            )
+            if not allow_mismatch:
+                raise ValueError(msg + " Pass allow_mismatch=True to load it anyway.")
+            warnings.warn(msg + " Loading anyway (allow_mismatch=True).", stacklevel=4)
+    if prov.model_fingerprint is not None:
+        fp = model_fingerprint(adapter.module)
+        if fp is not None and fp != prov.model_fingerprint:
+            msg = (
+                f"The head {where} was trained on {prov.base_model or 'a model'} with parameters of sha256 "
+                f"{prov.model_fingerprint[:12]}…, but the given model {given} differs outside the target layer "
+                f"(sha256 {fp[:12]}…): the conditioning comes from the whole model, so the head sees other inputs."
             )
             if not allow_mismatch:
                 raise ValueError(msg + " Pass allow_mismatch=True to load it anyway.")

@@ -48,6 +48,8 @@ class Provenance:
         base_model_library: "torch", "transformers", "timm", "sentence-transformers" or "setfit".
         layer_fingerprint: sha256 of the target layer's weight (float32 bytes).
         library_version: The ocd_hf version that trained the head.
+        model_fingerprint: sha256 over every parameter and buffer of the base model (names, shapes and
+            float32 bytes); None when the model was too large to hash cheaply at save.
     """
 
     base_model: str | None = None
@@ -55,6 +57,7 @@ class Provenance:
     base_model_library: str | None = None
     layer_fingerprint: str | None = None
     library_version: str | None = None
+    model_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -7,9 +7,14 @@ checkpoint continues the exact sequence of batches. The stored head holds the EM
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import re
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,27 +22,104 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .capture import Conditioning
 from .collection import DeltaStore
 from .config import OCDConfig
+from .data_checks import RobustStatistics
 from .head import OCDHead
 from .sampling import make_train_scheduler, training_target
 from .scale import scale_loss
+from .serialization import fsync_path
 from .training_args import OCDTrainingArguments
 
 _CKPT = re.compile(r"^step-(\d+)$")
+EMA_NAME = "ema.safetensors"
+DONE_NAME = "done"
 
 
 def latest_checkpoint(output_dir: str | os.PathLike | None) -> Path | None:
+    """The newest complete checkpoint under `output_dir/checkpoints`, or None.
+
+    A checkpoint counts only when its `done` marker parses and every file it lists still has the sha256
+    recorded at save; others (killed during save, truncated, edited) are skipped with a warning.
+    """
+    for _, path in _checkpoints(output_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if (path / DONE_NAME).exists():
+            warnings.warn(f"Skipping checkpoint {path}: {problem}", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def _checkpoints(output_dir: str | os.PathLike | None) -> list[tuple[int, Path]]:
+    """(step, folder) of every `step-N` folder, newest first."""
     if output_dir is None:
-        return None
+        return []
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
+        return []
+    return sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name))), reverse=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, or None when it is complete and intact."""
+    try:
+        done = json.loads((path / DONE_NAME).read_text(encoding="utf-8"))
+        step = done["step"]
+    except FileNotFoundError:
+        return "no done marker (killed while saving)"
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        return f"its done marker is unreadable ({type(e).__name__}: {e})"
+    files = done.get("files")
+    if not isinstance(step, int) or not isinstance(files, dict):
+        return "its done marker is malformed or was written by an older ocd_hf (EMA pickled; never loaded)"
+    if EMA_NAME not in files:
+        return f"it has no {EMA_NAME}"
+    for name, digest in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if _sha256(f) != digest:
+            return f"{name} changed since it was saved (truncated or edited)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def usable_rows(store: DeltaStore) -> torch.Tensor | None:
+    """Rows with a non-zero delta, or None when that is all of them.
+
+    A sample whose loss has zero gradient (labelled with cross_entropy's ignore_index, or a float32
+    softmax saturated at 1) gets Δ = 0 and ρ = 0: Δ/ρ is undefined and the scale loss on ρ = 0 is
+    ~300 dB, so such rows teach the head nothing but noise. They are left out, with a warning.
+    """
+    scale = store.column("scale")
+    keep = (scale > 0).nonzero().flatten()
+    if len(keep) == len(scale):
         return None
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name)) and (p / "done").exists()]
-    return max(found)[1] if found else None
+    if len(keep) == 0:
+        raise ValueError("Every collected sample has a zero delta (zero loss gradient): there is nothing to learn.")
+    dropped = (scale <= 0).nonzero().flatten()
+    index = store.get_batch(dropped[:10])["index"].tolist()
+    warnings.warn(
+        f"{len(dropped)} of {len(scale)} collected samples have a zero delta (no loss gradient: ignore_index "
+        f"labels or saturated outputs; dataset indices {index}{' …' if len(dropped) > 10 else ''}) and are left "
+        "out of head training.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return keep
 
 
 def omega_batch(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -73,22 +155,20 @@ def train_head(
     output_dir, resume, checkpoint_every, progress = args.output_dir, args.resume, args.checkpoint_every, args.progress
     accelerator = accelerator or Accelerator()
     torch.manual_seed(args.seed)
-    head.set_statistics(store)
+    head.set_statistics(RobustStatistics(store))  # outlier rows (named in a warning) are left out
     scheduler = make_train_scheduler(config)
     opt = torch.optim.AdamW(head.parameters(), lr=args.learning_rate, weight_decay=0.0)
     total = args.num_train_steps
     lr_sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=min(100, total // 10), num_training_steps=total)
     ema = EMAModel(head.parameters(), decay=args.ema_decay)
     model, opt, lr_sched = accelerator.prepare(head, opt, lr_sched)
-    accelerator.register_for_checkpointing(ema)
+    # The EMA is saved by _save_checkpoint as safetensors, not registered with accelerate: accelerate
+    # restores registered objects with torch.load(weights_only=False), which runs any code in the file.
     ema.to(accelerator.device)
 
-    start = 0
-    ckpt = latest_checkpoint(output_dir) if resume else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        start = json.loads((ckpt / "done").read_text())["step"]
-    n = len(store)
+    start = _resume(accelerator, ema, output_dir) if resume else 0
+    rows = usable_rows(store)  # None: every row
+    n = len(store) if rows is None else len(rows)
     bs = min(args.train_batch_size, n)
     target_shape = head.denoiser.weight_shape
     history: list[dict[str, float]] = []
@@ -100,6 +180,7 @@ def train_head(
             args.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index
         )
         idx = torch.randint(0, n, (bs,), generator=g)
+        idx = idx if rows is None else rows[idx]
         batch = {k: v.to(accelerator.device) for k, v in store.get_batch(idx).items()}
         clean = omega_batch(batch).reshape(bs, *target_shape)
         noise = torch.randn(clean.shape, generator=g).to(accelerator.device)
@@ -129,17 +210,81 @@ def train_head(
         if step % 20 == 0:
             bar.set_postfix(loss=f"{rec['denoiser_loss']:.4f}", scale_db=f"{rec['scale_loss_db']:.1f}")
         if output_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total:
-            _save_checkpoint(accelerator, Path(output_dir), step + 1)
+            _save_checkpoint(accelerator, Path(output_dir), step + 1, ema, args.save_total_limit)
     accelerator.wait_for_everyone()
     ema.copy_to(unwrapped.parameters())
     unwrapped.eval()
     return history
 
 
-def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
+def _resume(accelerator: Accelerator, ema: EMAModel, output_dir: str | None) -> int:
+    """Load the newest complete checkpoint; returns its step (0 when there is none).
+
+    accelerate reads the optimizer, scheduler and RNG files with torch.load(weights_only=True), which
+    refuses anything but tensors and plain containers; the EMA comes from safetensors. Files are checked
+    against the hashes in `done` first, so a damaged checkpoint is skipped before anything is loaded, and
+    files that `done` does not list are never read.
+    """
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        return 0
+    listed = json.loads((path / DONE_NAME).read_text(encoding="utf-8"))["files"]
+    try:
+        # accelerate reads whatever its file names match in the folder; show it only the files that were saved.
+        with tempfile.TemporaryDirectory(prefix="ocd-resume-") as stage:
+            for name in listed:
+                os.symlink((path / name).absolute(), Path(stage, name))
+            accelerator.load_state(stage, load_kwargs={"weights_only": True})
+        _load_ema(ema, path / EMA_NAME, accelerator.device)
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
+        # Part of the state may be loaded already: stop rather than train on a mix.
+        raise RuntimeError(
+            f"Checkpoint {path} passed its hash check but failed to load ({type(e).__name__}: {str(e)[:300]}). "
+            "Its done marker was rewritten after the files changed; delete that folder to resume from an older "
+            "checkpoint, or pass resume=False."
+        ) from None
+    return json.loads((path / DONE_NAME).read_text(encoding="utf-8"))["step"]
+
+
+def _load_ema(ema: EMAModel, path: Path, device: torch.device) -> None:
+    tensors = load_file(str(path), device="cpu")
+    shadow = [tensors[f"shadow.{i}"] for i in range(len(ema.shadow_params))]
+    if len(tensors) != len(shadow) + 1 or any(a.shape != b.shape for a, b in zip(shadow, ema.shadow_params)):
+        raise ValueError(f"{path} does not match this head's parameters.")
+    ema.shadow_params = [t.to(device) for t in shadow]
+    ema.optimization_step = int(tensors["optimization_step"].item())
+
+
+def _save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, step: int, ema: EMAModel, keep: int | None = None
+) -> None:
+    """Save the training state at `step` into `output_dir/checkpoints/step-N`, keeping the newest `keep`."""
     path = output_dir / "checkpoints" / f"step-{step}"
+    if accelerator.is_main_process and path.exists():
+        shutil.rmtree(path)  # a folder left by a killed save of the same step
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
-        # "done" marks a finished checkpoint; a kill during save_state leaves a folder that resume ignores.
-        (path / "done").write_text(json.dumps({"step": step}))
+        ema_state = {f"shadow.{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}
+        ema_state["optimization_step"] = torch.tensor(ema.optimization_step, dtype=torch.int64)
+        save_file(ema_state, str(path / EMA_NAME))
+        files = {f.name: _sha256(f) for f in sorted(path.iterdir()) if f.is_file() and f.name != DONE_NAME}
+        for f in path.iterdir():
+            fsync_path(f)
+        # "done" marks a finished checkpoint: written last, atomically and synced, so after a kill it is
+        # either absent or complete, and it lists the files' hashes so a truncated checkpoint is skipped.
+        _atomic_write(path / DONE_NAME, json.dumps({"step": step, "files": files}))
+        if keep:
+            for _, old in [c for c in _checkpoints(output_dir) if c[0] < step][max(keep - 1, 0) :]:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)

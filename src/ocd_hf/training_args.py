@@ -42,6 +42,8 @@ class OCDTrainingArguments:
             errors of the paired per-sample loss difference.
         calibration_batch_size: Batch size of calibration.
         checkpoint_every: Steps between training checkpoints (with `output_dir`).
+        save_total_limit: Training checkpoints kept (the newest ones); None keeps all. Two leave a
+            complete fallback when the newest is damaged.
         progress: Show tqdm progress bars (main process only).
     """
 
@@ -62,6 +64,7 @@ class OCDTrainingArguments:
     calibration_min_gain_se: float = 2.0
     calibration_batch_size: int = 256
     checkpoint_every: int = 500
+    save_total_limit: int | None = 2
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -74,6 +77,8 @@ class OCDTrainingArguments:
         bad = [k for k in positive if not getattr(self, k) > 0]
         if not 0 <= self.ema_decay < 1:
             bad.append("ema_decay")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            bad.append("save_total_limit")
         if self.num_folds < 2:
             bad.append("num_folds")
         if any(g < 0 for g in self.calibration_grid):
@@ -86,7 +91,7 @@ class OCDTrainingArguments:
         if bad:
             raise ConfigError(
                 f"OCDTrainingArguments.{bad[0]}={getattr(self, bad[0])!r} is out of range "
-                "(sizes, steps and rates > 0; ema_decay in [0, 1); num_folds >= 2; grid values >= 0)."
+                "(sizes, steps and rates > 0; ema_decay in [0, 1); num_folds >= 2; save_total_limit >= 1 or None; grid values >= 0)."
             )
 
     def replace(self, **changes: Any) -> OCDTrainingArguments:

@@ -19,6 +19,7 @@ from .collection import DeltaStore
 from .config import AUTO, OCDConfig
 from .ensemble import ENSEMBLES, combine_draws
 from .head import OCDHead
+from .health import check_conditioning
 from .hub import push_folder
 from .integrations import ModelAdapter, get_adapter
 from .layers import resolve_layer
@@ -198,7 +199,7 @@ class OCDWrapper(PredictMixin, nn.Module):
         """Run the unmodified model once; returns I(x) and the base output f(x)."""
         with eval_mode(self.module) as module, capture_layer(self.layer) as cap:
             out = self.adapter.forward(module, inputs)
-        return Conditioning(cap.layer_input, cap.layer_output, pool(out)), out
+        return check_conditioning(Conditioning(cap.layer_input, cap.layer_output, pool(out)), self.shapes), out
 
     @torch.no_grad()
     def generate_deltas(
@@ -257,7 +258,7 @@ class OCDWrapper(PredictMixin, nn.Module):
 
         `evaluation` (an `EvaluationReport`) goes into the card; `repo_id` names the head in its snippet.
         """
-        record = make_record(self.config, self.shapes, self.provenance, self.state, self.require_head(), self.layer)
+        record = make_record(self.config, self.shapes, self.provenance, self.state, self.require_head(), self.module)
         card = build_model_card(record, evaluation=evaluation, repo_id=repo_id or os.fspath(save_directory))
         return str(save_head_folder(save_directory, record, self.head.state_dict(), card))
 
