@@ -45,7 +45,7 @@ def budget_for_chunk(model, layer, data, settings, chunk):
     kw = dict(optimizer=settings.optimizer, target=settings.target, batch_size=16, shard_size=32)
     probe = probe_layer(model, mod, x)
     big = plan_collection(layer, mod, num_samples=len(data), probe=probe, max_memory="1TiB", **kw)
-    shards = big.stored_bytes * 32 * 2
+    shards = big.stored_bytes * 32  # one shard of 32 samples is held while it is assembled
     plan = plan_collection(
         layer, mod, num_samples=len(data), probe=probe, max_memory=shards + chunk * big.sample_bytes + 1, **kw
     )

@@ -171,8 +171,8 @@ def plan_collection(
         optimizer: "adam" or "sgd".
         target: "full" or "factored".
         batch_size: The collection batch size (the chunk never exceeds it).
-        shard_size: Samples per shard. A shard is assembled in host memory and written in the background
-            while the next one is computed, so two shards may be held at once.
+        shard_size: Samples per shard. A shard is assembled in host memory and written before the next
+            one starts (under its lock, so concurrent collectors never duplicate it).
         num_samples: Samples in the collection (a smaller collection holds one shorter shard).
         probe: One sample's forward (`probe_layer`), for the method and the activation sizes.
         steps: Overfitting steps.
@@ -189,8 +189,7 @@ def plan_collection(
     given = parse_memory(max_memory)
     budget = given if given is not None else int(DEFAULT_FRACTION * available_memory(device))
     shard = shard_size if num_samples is None else min(shard_size, num_samples)
-    shards_held = 1 if num_samples is not None and num_samples <= shard_size else 2
-    shard_bytes = stored * shard * shards_held
+    shard_bytes = stored * shard
     if device.type == "cuda":
         host = given if given is not None else int(DEFAULT_FRACTION * available_memory("cpu"))
         room, host_short = budget, shard_bytes > host
