@@ -28,7 +28,7 @@ from .modes import eval_mode
 from .per_sample import per_sample_weights
 from .predict import PredictMixin
 from .prefix import reuse_prefix
-from .selection import SelectionReport
+from .selection import AUTO_SELECTION, SelectionReport
 from .serialization import make_record, save_head_folder
 from .state import FittedState, HeadShapes, Provenance
 from .trainer import OCDTrainer
@@ -117,7 +117,8 @@ class OCDWrapper(PredictMixin, nn.Module):
             config = config.replace(layer=AUTO if restrict else layer)
         ocd = cls(model, config)
         ocd.training_defaults = legacy
-        ocd.selection_kwargs = {**(selection_kwargs or {}), **({"layer": restrict} if restrict else {})}
+        extra = {"layer": restrict} if restrict else {}
+        ocd.selection_kwargs = {**AUTO_SELECTION, **(selection_kwargs or {}), **extra}
         if selection_data is not None:
             if ocd.layer is not None:
                 raise ValueError(f"selection_data needs layer='auto' or a list of layers; got layer={config.layer!r}.")
