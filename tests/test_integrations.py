@@ -507,3 +507,15 @@ def test_timm_takes_pixel_values_dicts_and_refuses_one_image(resnet):
     torch.testing.assert_close(ocd({"pixel_values": x[:2]}, generator=g()), ocd(x[:2], generator=g()))
     with pytest.raises(ValueError, match=r"one image \(3, 32, 32\): pass x.unsqueeze\(0\)"):
         ocd(x[0])
+
+
+def test_transformers_text_rows_are_tokenized_with_the_tokenizer(bert, tiny_tokenizer):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"text": TEXTS, "label": [i % 3 for i in range(len(TEXTS))]})
+    ocd = OCDWrapper.from_pretrained(bert, layer="classifier", tokenizer=tiny_tokenizer, **TINY_HEAD)
+    batch = ocd.adapter.collate_fn()([ds[i] for i in range(3)])
+    expected = tiny_tokenizer(TEXTS[:3], padding=True, truncation=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], expected["input_ids"]) and batch["labels"].tolist() == [0, 1, 2]
+    ocd.fit(ds, batch_size=6, progress=False, **FIT)
+    assert ocd.predict(TEXTS[:2]).shape == (2,)

@@ -5,7 +5,8 @@ Sequence / image / audio classification heads get a default loss (cross-entropy,
 included) is a candidate. Tokenized Hugging Face `datasets` work as training data: rows are collated
 with `data_collator` (e.g. `DataCollatorWithPadding(tokenizer)`), or with the tokenizer's padding, or
 else padded here with the model's `pad_token_id`; columns that are not numbers (e.g. "text") are
-dropped and "label" becomes "labels".
+dropped and "label" becomes "labels". With a tokenizer, rows of raw text ("text", "sentence" or
+"content" column, no input_ids) are tokenized per batch.
 
 With a tokenizer (`OCDWrapper.from_pretrained(model, layer=..., tokenizer=tok)`) the wrapper and `predict`
 take raw strings; a collator: `OCDWrapper.from_pretrained(TransformersAdapter(model, data_collator=c), layer=...)`.
@@ -24,6 +25,8 @@ from torch.utils.data import default_collate
 from .batches import LABEL_KEYS, label_key, module_device
 from .torch import TorchAdapter
 
+# Columns that hold raw text, tokenized with the adapter's tokenizer when a batch has no input_ids.
+TEXT_KEYS = ("text", "sentence", "content")
 CLASSIFICATION_SUFFIXES = (
     "ForSequenceClassification",
     "ForImageClassification",
@@ -83,6 +86,14 @@ class TransformersAdapter(TorchAdapter):
     def _collate(self, rows: list[Any]) -> Any:
         if not rows or not isinstance(rows[0], Mapping):
             return default_collate(rows)
+        text = next((k for k in TEXT_KEYS if isinstance(rows[0].get(k), str)), None)
+        if text is not None and "input_ids" not in rows[0] and self.tokenizer is not None:
+            # raw text rows (e.g. a datasets.Dataset with "text" and "label"): tokenized per batch
+            batch = self.encode([row[text] for row in rows])
+            key = label_key(rows[0])
+            if key is not None:
+                batch["labels"] = _tensor(np.asarray([_as_array(row[key]) for row in rows]))
+            return batch
         rows = [{("labels" if k in LABEL_KEYS else k): v for k, v in row.items() if _numeric(v)} for row in rows]
         if self.data_collator is not None:
             return self.data_collator(rows)
