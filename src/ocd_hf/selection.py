@@ -51,9 +51,9 @@ from .per_sample import per_sample_weights
 from .prefix import reuse_prefix
 from .screening import Screening, linearised_entropy, per_sample_grad_norms
 
-# What layer="auto" on a wrapper uses unless `selection_kwargs` says otherwise: screen every candidate,
-# then the full criterion on at most 3 of them within about 45 s (docs/selection.md#budget).
-AUTO_SELECTION: dict[str, Any] = {"finalists": 3, "budget_s": 45.0}
+# What layer="auto" on a wrapper uses unless `selection_kwargs` says otherwise: 32 samples, every
+# candidate screened, then the full criterion on at most 3 of them within about 45 s (docs/selection.md).
+AUTO_SELECTION: dict[str, Any] = {"finalists": 3, "budget_s": 45.0, "max_samples": 32}
 
 GRID_STEPS_PER_BANDWIDTH = 2
 GRID_HALF_WIDTH = 6.0  # bandwidths around each loss value covered by the integration grid
