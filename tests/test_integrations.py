@@ -423,3 +423,100 @@ def test_accelerate_launch_setfit_example(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "| base |" in out.stdout and "| OCD x5 |" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+WORDS = ["great", "dress", "fits", "terrible", "fabric", "fine", "love", "colour", "awful", "not", "for", "me"]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    """A word-level BERT tokenizer whose ids stay below the tiny model's vocab_size of 50."""
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path_factory.mktemp("tok") / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return BertTokenizerFast(vocab_file=str(vocab))
+
+
+@pytest.fixture(scope="module")
+def fitted_mlp():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(12, 6, generator=g), torch.arange(12) % 3)
+    return OCDWrapper.from_pretrained(mlp, layer="2", **TINY_HEAD).fit(
+        data, "cross_entropy", batch_size=6, progress=False, **FIT
+    )
+
+
+def test_transformers_raw_strings_with_a_tokenizer(bert, tiny_tokenizer):
+    data = [{"input_ids": tiny_tokenizer(t)["input_ids"], "label": i % 3} for i, t in enumerate(TEXTS)]
+    ocd = OCDWrapper.from_pretrained(bert, layer="classifier", tokenizer=tiny_tokenizer, **TINY_HEAD)
+    ocd.fit(data, batch_size=6, progress=False, **FIT)
+    g = torch.Generator().manual_seed(0)
+    logits = ocd(TEXTS[:4], generator=g)
+    assert logits.shape == (4, 3)
+    encoded = dict(tiny_tokenizer(TEXTS[:4], padding=True, truncation=True, return_tensors="pt"))
+    torch.testing.assert_close(logits, ocd(encoded, generator=torch.Generator().manual_seed(0)))
+    assert ocd.predict(TEXTS[:5]).shape == (5,) and ocd.predict_proba("great dress").shape == (3,)
+
+
+def test_raw_strings_without_a_tokenizer_say_how_to_pass_one(bert):
+    ocd = OCDWrapper.from_pretrained(bert, layer="classifier")
+    with pytest.raises(
+        ValueError, match=r"Raw strings need a tokenizer: OCDWrapper.from_pretrained\(model, layer=\.\.\., tokenizer="
+    ):
+        ocd.conditioning(["great dress"])
+
+
+def test_tokenizer_for_a_family_that_takes_none_is_refused(tiny_tokenizer):
+    with pytest.raises(TypeError, match="tokenizer= is for transformers models"):
+        OCDWrapper.from_pretrained(nn.Linear(3, 2), layer="", tokenizer=tiny_tokenizer)
+
+
+def test_one_unbatched_sample_is_refused_with_the_fix(fitted_mlp):
+    with pytest.raises(ValueError, match=r"one unbatched sample .*ocd\(x.unsqueeze\(0\)\)"):
+        fitted_mlp(torch.randn(6))
+    assert fitted_mlp(torch.randn(1, 6)).shape == (1, 3)
+
+
+def test_num_samples_zero_is_refused(fitted_mlp):
+    with pytest.raises(ValueError, match="num_samples=0: pass a whole number >= 1"):
+        fitted_mlp(torch.randn(2, 6), num_samples=0)
+
+
+def test_auto_wrapper_called_before_fit_says_to_fit_or_select():
+    ocd = OCDWrapper.from_pretrained(nn.Sequential(nn.Linear(6, 3)), layer="auto", loss="cross_entropy")
+    with pytest.raises(RuntimeError, match=r"call fit\(train_dataset\) or select_layer\(batch\) first"):
+        ocd(torch.randn(2, 6))
+
+
+def test_nan_in_the_input_names_the_rows_not_the_head(fitted_mlp):
+    x = torch.randn(4, 6)
+    x[1, 2] = float("nan")
+    x[3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"Input rows \[1, 3\] contain NaN or inf"):
+        fitted_mlp(x)
+
+
+def test_timm_takes_pixel_values_dicts_and_refuses_one_image(resnet):
+    x, y = image_batch(12, size=32, classes=3)
+    ocd = OCDWrapper.from_pretrained(resnet, layer="fc", **TINY_HEAD)
+    ocd.fit(torch.utils.data.TensorDataset(x, y), batch_size=6, progress=False, **FIT)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    torch.testing.assert_close(ocd({"pixel_values": x[:2]}, generator=g()), ocd(x[:2], generator=g()))
+    with pytest.raises(ValueError, match=r"one image \(3, 32, 32\): pass x.unsqueeze\(0\)"):
+        ocd(x[0])
+
+
+def test_transformers_text_rows_are_tokenized_with_the_tokenizer(bert, tiny_tokenizer):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"text": TEXTS, "label": [i % 3 for i in range(len(TEXTS))]})
+    ocd = OCDWrapper.from_pretrained(bert, layer="classifier", tokenizer=tiny_tokenizer, **TINY_HEAD)
+    batch = ocd.adapter.collate_fn()([ds[i] for i in range(3)])
+    expected = tiny_tokenizer(TEXTS[:3], padding=True, truncation=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], expected["input_ids"]) and batch["labels"].tolist() == [0, 1, 2]
+    ocd.fit(ds, batch_size=6, progress=False, **FIT)
+    assert ocd.predict(TEXTS[:2]).shape == (2,)

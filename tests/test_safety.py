@@ -268,5 +268,13 @@ def test_non_finite_input_rows_are_named_as_input_errors(head):
     x = torch.randn(8, 6)
     x[3, 1] = float("nan")
     x[6, 0] = float("inf")
-    with pytest.raises(ValueError, match=r"2 of 8 inputs .*batch rows 3 \(.*\), 6 .*the head is not at fault"):
+    with pytest.raises(ValueError, match=r"Input rows \[3, 6\] contain NaN or inf"):
         ocd(x)
+    # finite inputs that overflow inside the model are named too, and the head is not blamed
+    from ocd_hf.capture import Conditioning
+    from ocd_hf.health import check_conditioning
+
+    cond = Conditioning(torch.randn(8, 12), torch.randn(8, 3), torch.randn(8, 3))
+    cond.layer_input[5, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"1 of 8 inputs .*batch rows 5 \(.*\).*the head is not at fault"):
+        check_conditioning(cond, ocd.shapes)

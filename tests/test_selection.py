@@ -343,3 +343,113 @@ def test_selection_data_as_rows_or_hf_dataset():
     assert r_hf.winner == r_batch.winner
     for k, v in scores(r_batch).items():
         assert abs(scores(r_hf)[k] - v) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- screening
+class Mixed(nn.Module):
+    """Every layer kind the screening handles: a Linear on tokens called twice, a strided grouped Conv2d,
+    a Conv1d with padding="same" and a transformers Conv1D."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
+        self.conv1 = nn.Conv1d(6, 5, 3, padding="same", dilation=2)
+        self.tok = nn.Linear(5, 5)
+        self.hf = Conv1D(3, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(x)).flatten(2)  # [B, 6, 16]
+        h = self.conv1(h).transpose(1, 2)  # [B, 16, 5]
+        h = self.tok(torch.tanh(self.tok(h)))  # the same weight twice
+        return self.hf(h).mean(1)
+
+
+def test_per_sample_grad_norms_match_a_loop_over_samples():
+    from ocd_hf.losses import cross_entropy
+    from ocd_hf.screening import per_sample_grad_norms
+
+    torch.manual_seed(0)
+    model = Mixed().double().eval()
+    x, y = torch.randn(5, 4, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    layers = {n: model.get_submodule(n) for n in ("conv2", "conv1", "tok", "hf")}
+    screen = per_sample_grad_norms(lambda: cross_entropy(model(x), y), layers, 5)
+    for name, layer in layers.items():
+        expected = torch.stack(
+            [
+                torch.autograd.grad(cross_entropy(model(x[i : i + 1]), y[i : i + 1]).sum(), layer.weight)[0].norm()
+                for i in range(5)
+            ]
+        )
+        torch.testing.assert_close(screen.grad_norms[name], expected, rtol=1e-9, atol=1e-12)
+    assert all(not w.requires_grad or w.grad is None for w in model.parameters())
+
+
+def _digits_models():
+    from ocd_hf.demo import LeNetDigits, load_digits_split, train_base
+
+    train, _ = load_digits_split(0)
+    torch.manual_seed(0)
+    lenet = train_base(LeNetDigits(), train, epochs=30, seed=0).eval()
+    x, y = train.tensors[0][:32], train.tensors[1][:32]
+    flat = train.tensors[0].flatten(1)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(flat.shape[1], 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(mlp.parameters(), 1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(mlp(flat), train.tensors[1]).backward()
+        opt.step()
+    return [(lenet.eval(), (x, y)), (mlp.eval(), (flat[:32], y))]
+
+
+def test_screening_picks_the_full_criterions_winner_on_the_demo_lenet_and_an_mlp():
+    for model, batch in _digits_models():
+        full = select_layer(model, batch, loss="cross_entropy", num_perturbations=500)
+        screened = select_layer(model, batch, loss="cross_entropy", num_perturbations=500, finalists=1)
+        assert screened.winner == full.winner
+        assert set(screened.screen) == {s.name for s in full.scores} and len(screened.scores) == 1
+        # the screening ranks the layers as the full criterion does (docs/selection.md#screening)
+        ranked = sorted(screened.screen, key=lambda n: -screened.screen[n])
+        assert ranked[:2] == [s.name for s in full.scores][:2]
+
+
+def test_budget_limits_finalists_and_draws_and_says_so(capsys):
+    from ocd_hf.selection import _fit_budget
+
+    per_draw = {"a": 0.01, "b": 0.02, "c": 0.5}
+    assert _fit_budget(["a", "b", "c"], per_draw, 100.0, 1000, 32) == (["a", "b", "c"], 188)
+    assert _fit_budget(["a", "b", "c"], per_draw, 3.0, 1000, 32) == (["a", "b"], 100)
+    assert _fit_budget(["c", "a"], per_draw, 1.0, 1000, 32) == (["c"], 32)  # the best one always, at least 32 draws
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+    report = select_layer(mlp, batch, "cross_entropy", finalists=2, budget_s=60.0, num_perturbations=64, progress=True)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "screening every candidate layer" in text and "full Eq. 6 on the best 2 of 3" in text and "about" in text
+    assert len(report.scores) == 2 and set(report.screen) == {"0", "2", "4"} and report.num_perturbations == 64
+    assert report.summary()["finalists"] == [s.name for s in report.scores]
+    with pytest.raises(ValueError, match="budget_s must be > 0"):
+        select_layer(mlp, batch, "cross_entropy", budget_s=0)
+
+
+def test_wrapper_auto_screens_by_default_and_selection_kwargs_change_it():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+    )
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+    auto = OCDWrapper.from_pretrained(mlp.eval(), layer="auto", selection_data=batch, loss="cross_entropy")
+    assert len(auto.selection_report.screen) == 4 and len(auto.selection_report.scores) <= 3
+    full = OCDWrapper.from_pretrained(
+        mlp,
+        layer="auto",
+        selection_data=batch,
+        loss="cross_entropy",
+        selection_kwargs={"finalists": None, "budget_s": None, "num_perturbations": 64},
+    )
+    assert full.selection_report.screen == {} and len(full.selection_report.scores) == 4

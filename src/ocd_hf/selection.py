@@ -33,7 +33,7 @@ import dataclasses
 import math
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,11 @@ from .losses import LossFn, resolve_loss
 from .modes import eval_mode
 from .per_sample import per_sample_weights
 from .prefix import reuse_prefix
+from .screening import Screening, linearised_entropy, per_sample_grad_norms
+
+# What layer="auto" on a wrapper uses unless `selection_kwargs` says otherwise: 32 samples, every
+# candidate screened, then the full criterion on at most 3 of them within about 45 s (docs/selection.md).
+AUTO_SELECTION: dict[str, Any] = {"finalists": 3, "budget_s": 45.0, "max_samples": 32}
 
 GRID_STEPS_PER_BANDWIDTH = 2
 GRID_HALF_WIDTH = 6.0  # bandwidths around each loss value covered by the integration grid
@@ -86,6 +91,9 @@ class SelectionReport:
     seconds: float
     loss: str
     base_loss: float  # mean unperturbed loss on the selection samples
+    # linearised Eq. 6 of every candidate (ocd_hf.screening), when the candidates were screened first;
+    # then only the best `len(scores)` of them got the full criterion
+    screen: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def score_of(self, name: str) -> float:
         for s in self.scores:
@@ -110,6 +118,7 @@ class SelectionReport:
             "sigma": self.sigma,
             "num_samples": self.num_samples,
             "seed": self.seed,
+            **({"screened": len(self.screen), "finalists": [s.name for s in self.scores]} if self.screen else {}),
         }
 
     def to_markdown(self) -> str:
@@ -128,6 +137,13 @@ class SelectionReport:
             f"{self.num_samples} samples (mean loss {self.base_loss:.4g}), seed {self.seed}, loss {self.loss}; "
             f"{self.seconds:.1f} s in total."
         )
+        if self.screen:
+            lines.append(
+                f"The {len(self.screen)} candidates were screened by the linearised criterion (one backward pass); "
+                f"the best {len(self.scores)} got the full one. Screening scores: "
+                + ", ".join(f"{n} {v:.1f}" for n, v in sorted(self.screen.items(), key=lambda kv: -kv[1]))
+                + "."
+            )
         if self.dropped:
             lines += ["", "Not candidates:"]
             lines += [f"- {name}: {why}" for name, why in self.dropped.items()]
@@ -307,8 +323,10 @@ def find_candidates(
     loss_fn: LossFn,
     layer: str | Sequence[str] | None = None,
     max_weights: int = 1_000_000,
-) -> tuple[dict[str, nn.Module], dict[str, str], torch.Tensor]:
-    """Candidate layers (name → module, model order), dropped layers (name → reason) and the base losses [N].
+    per_sample: bool = False,
+) -> tuple[dict[str, nn.Module], dict[str, str], Screening]:
+    """Candidate layers (name → module, model order), dropped layers (name → reason) and the `Screening`
+    of the pass (base losses [N]; per-sample gradient norms with `per_sample`).
 
     Runs one forward and backward on the batch (model as it is, normally eval mode) to find the layers
     whose weight receives a non-zero gradient from the loss.
@@ -345,20 +363,10 @@ def find_candidates(
             dropped[name] = f"too large ({m.weight.numel():,} weights > max_weights={max_weights:,})"
         else:
             kept[name] = m
-    weights = [m.weight for m in kept.values()]
-    flags = [w.requires_grad for w in weights]
-    try:
-        for w in weights:
-            w.requires_grad_(True)
-        with torch.enable_grad():
-            losses = _per_sample_loss(adapter, inputs, targets, loss_fn)
-            if losses.requires_grad and weights:
-                grads = torch.autograd.grad(losses.sum(), weights, allow_unused=True)
-            else:
-                grads = [None] * len(weights)
-    finally:
-        for w, f in zip(weights, flags):
-            w.requires_grad_(f)
+    screening = per_sample_grad_norms(
+        lambda: _per_sample_loss(adapter, inputs, targets, loss_fn), kept, int(targets.shape[0]), per_sample
+    )
+    grads = screening.grads.values()
     for (name, _), g in zip(list(kept.items()), grads):
         if g is None:
             dropped[name] = "no gradient path to the loss"
@@ -373,7 +381,7 @@ def find_candidates(
         del kept[name]
     order = {n: i for i, n in enumerate(names)}
     dropped = dict(sorted(dropped.items(), key=lambda kv: order[kv[0]]))
-    return kept, dropped, losses.detach()
+    return kept, dropped, screening
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -396,6 +404,7 @@ def perturbed_losses(
     max_chunk_elements: int = 2**21,
     max_chunk_rows: int = 2048,
     reuse: bool = True,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Per-sample losses [N, K] with K independent draws W + ε_k, ε_k ~ N(0, perturbation_std²).
 
@@ -425,6 +434,8 @@ def perturbed_losses(
             losses = loss_fn(adapter.forward(adapter.module, x), y)
         out[done : done + p] = losses.view(p, n).to(device="cpu", dtype=torch.float64)
         done += p
+        if on_chunk is not None:
+            on_chunk(p)
 
     # every full chunk feeds the same repeated batch: the layers before `layer` run once (ocd_hf.prefix);
     # the smaller last chunk has another batch size and runs on its own
@@ -448,6 +459,9 @@ def select_layer(
     max_samples: int | None = 64,
     max_weights: int = 1_000_000,
     seed: int = 0,
+    finalists: int | None = None,
+    budget_s: float | None = None,
+    min_perturbations: int = 32,
     chunk_size: int | None = None,
     max_chunk_elements: int = 2**21,
     max_chunk_rows: int = 2048,
@@ -456,19 +470,47 @@ def select_layer(
 ) -> SelectionReport:
     """Score candidate layers of `model` by Eq. 6 on `batch` and return the report (winner first).
 
-    batch: one batch as the model family's adapter expects it ((inputs, targets) or a dict with
-    'labels'), or a Dataset whose first `max_samples` samples are used. layer: None / "auto" for every
-    supported layer, or a name / list of names to restrict the candidates. num_perturbations: K (the
-    paper uses 10,000; 1,000 ranks the layers the same on the digits model at a tenth of the cost, see
-    docs/selection.md). sigma: perturbation std relative to each layer's weight std. max_weights: larger
-    layers are not scored. chunk_size / max_chunk_elements / max_chunk_rows: how many perturbations one
-    forward evaluates (see `perturbed_losses`). The model's mode, weights and requires_grad flags are
-    restored afterwards.
+    With `finalists` or `budget_s`, every candidate is first screened by the linearised criterion
+    (`ocd_hf.screening`, one forward and backward for all layers) and only the best ones get the full
+    criterion: at most `finalists` of them, and no more than fit `budget_s` seconds with at least
+    `min_perturbations` draws each (K is lowered to fit too, never below `min_perturbations`). Without
+    either, every candidate gets the full criterion with K = `num_perturbations`.
+
+    Args:
+        model: The model (any family of `ocd_hf.integrations`).
+        batch: One batch as the family's adapter expects it ((inputs, targets) or a dict with 'labels'),
+            or a Dataset whose first `max_samples` samples are used.
+        loss: "cross_entropy", "mse" or a callable(output, target) -> [B]; the family's default when None.
+        layer: None / "auto" for every supported layer, or a name / list of names to restrict the candidates.
+        num_perturbations: K (the paper uses 10,000; 1,000 ranks the layers the same on the digits model at
+            a tenth of the cost, see docs/selection.md).
+        sigma: Perturbation std relative to each layer's weight std.
+        max_samples: Samples of `batch` used.
+        max_weights: Larger layers are not scored.
+        seed: Seeds each layer's perturbations (with its name).
+        finalists: How many of the best-screened layers get the full criterion (None: all, unless
+            `budget_s` allows fewer).
+        budget_s: Seconds the whole selection may take (estimated from the screening pass; None: no limit).
+        min_perturbations: The least K a finalist is scored with when a budget applies.
+        chunk_size: Perturbations one forward evaluates (see `perturbed_losses`).
+        max_chunk_elements: Bound on the repeated deltas of one chunk.
+        max_chunk_rows: Bound on the rows of one chunk.
+        adapter: The family's adapter; found from the registry when None.
+        progress: Print the plan and its time estimate, and show a tqdm bar per scored layer.
+
+    The model's mode, weights and requires_grad flags are restored afterwards.
     """
-    if num_perturbations < 2:
-        raise ValueError(f"num_perturbations must be >= 2 (a KDE needs several losses); got {num_perturbations}.")
+    if num_perturbations < 2 or min_perturbations < 2:
+        raise ValueError(
+            f"num_perturbations and min_perturbations must be >= 2 (a KDE needs several losses); got "
+            f"{num_perturbations} and {min_perturbations}."
+        )
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0; got {sigma}.")
+    if finalists is not None and finalists < 1:
+        raise ValueError(f"finalists must be >= 1 or None; got {finalists}.")
+    if budget_s is not None and not budget_s > 0:
+        raise ValueError(f"budget_s must be > 0 seconds or None; got {budget_s}.")
     adapter = adapter or get_adapter(model)
     if loss is None:
         loss = adapter.default_loss
@@ -478,70 +520,189 @@ def select_layer(
         )
     loss_fn = resolve_loss(loss)
     loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
+    say = _printer(progress)
+    if finalists is not None or budget_s is not None:
+        say("layer selection: screening every candidate layer (one forward and backward pass)")
     t0 = time.perf_counter()
     module = adapter.module
     with eval_mode(module):
         inputs, targets = prepare_batch(adapter, batch, max_samples)
-        kept, dropped, base = find_candidates(adapter, inputs, targets, loss_fn, layer, max_weights)
+        screened = finalists is not None or budget_s is not None
+        kept, dropped, screening = find_candidates(adapter, inputs, targets, loss_fn, layer, max_weights, screened)
+        base = screening.losses
         if not kept:
             reasons = "; ".join(f"{n}: {why}" for n, why in dropped.items()) or "the model has no supported layer"
             raise ValueError(f"No candidate layer left for selection. Dropped: {reasons}.")
         order = {n: i for i, n in enumerate(kept)}
-        scores: list[LayerScore] = []
-        items = list(kept.items())
-        if progress:
-            from tqdm.auto import tqdm
-
-            items = tqdm(items, desc="scoring layers", unit="layer")
-        for name, m in items:
-            t1 = time.perf_counter()
-            w = m.weight.detach()
-            wstd = float(w.float().std()) if w.numel() > 1 else 0.0
-            if not wstd > 0:
-                wstd = float(w.float().pow(2).mean().sqrt()) or 1.0
-            g = torch.Generator(device=w.device).manual_seed(_layer_seed(seed, name))
-            losses = perturbed_losses(
+        stds = {name: _perturbation_std(m, sigma) for name, m in kept.items()}
+        names, k, screen = list(kept), num_perturbations, {}
+        chunks = dict(chunk_size=chunk_size, max_chunk_elements=max_chunk_elements, max_chunk_rows=max_chunk_rows)
+        if screened:
+            screen = {
+                n: linearised_entropy(g, stds[n], screening.losses) if g is not None else math.inf
+                for n, g in screening.grad_norms.items()
+                if n in kept
+            }
+            names = sorted(kept, key=lambda n: (-screen[n], order[n]))[: finalists or len(kept)]
+            if budget_s is not None:
+                per_draw = _probe(names, kept, adapter, inputs, targets, loss_fn)
+                left = budget_s - (time.perf_counter() - t0)
+                names, k = _fit_budget(names, per_draw, left, num_perturbations, min_perturbations)
+                chunks["max_chunk_rows"] = min(max_chunk_rows, BUDGET_CHUNK * int(targets.shape[0]))
+                estimate = f", about {k * sum(per_draw[n] for n in names):.0f} s"
+            else:
+                estimate = ""
+            if len(kept) > len(names):
+                say(
+                    f"layer selection: full Eq. 6 on the best {len(names)} of {len(kept)} ({', '.join(names)}) with "
+                    f"K={k} perturbations each{estimate}"
+                    + (
+                        f" (budget_s={budget_s:g}; raise it with selection_kwargs={{'budget_s': ...}})"
+                        if budget_s
+                        else ""
+                    )
+                )
+            else:
+                screen = {}  # every candidate gets the full criterion
+        scores = [
+            _score_layer(
+                name,
+                kept[name],
                 adapter,
-                m,
                 inputs,
                 targets,
                 loss_fn,
-                num_perturbations,
-                sigma * wstd,
-                g,
-                chunk_size,
-                max_chunk_elements,
-                max_chunk_rows,
+                k,
+                stds[name],
+                sigma,
+                seed,
+                order[name],
+                chunks,
+                progress,
             )
-            if not torch.isfinite(losses).all():
-                raise FloatingPointError(
-                    f"Perturbing {name!r} with sigma={sigma} gave non-finite losses; lower sigma or check the batch."
-                )
-            entropy = kde_entropy(losses)
-            scores.append(
-                LayerScore(
-                    name=name,
-                    kind=type(m).__name__,
-                    shape=tuple(w.shape),
-                    num_weights=w.numel(),
-                    score=float(entropy.sum()),
-                    loss_std=float(losses.std(dim=1).mean()),
-                    perturbation_std=sigma * wstd,
-                    seconds=time.perf_counter() - t1,
-                    order=order[name],
-                )
-            )
+            for name in names
+        ]
     scores.sort(key=lambda s: (-s.score, s.order))
     return SelectionReport(
         scores=scores,
         winner=scores[0].name,
         runner_up=scores[1].name if len(scores) > 1 else None,
         dropped=dropped,
-        num_perturbations=num_perturbations,
+        num_perturbations=k,
         sigma=sigma,
         num_samples=int(targets.shape[0]),
         seed=seed,
         seconds=time.perf_counter() - t0,
         loss=loss_name,
         base_loss=float(base.float().mean()),
+        screen=screen,
+    )
+
+
+def _printer(progress: bool) -> Callable[[str], None]:
+    if not progress:
+        return lambda msg: None
+    from tqdm.auto import tqdm
+
+    return tqdm.write
+
+
+def _perturbation_std(m: nn.Module, sigma: float) -> float:
+    """σ · std(W) (the RMS when the std is 0, 1 when that is 0 too)."""
+    w = m.weight.detach()
+    wstd = float(w.float().std()) if w.numel() > 1 else 0.0
+    if not wstd > 0:
+        wstd = float(w.float().pow(2).mean().sqrt()) or 1.0
+    return sigma * wstd
+
+
+# Perturbations per forward while a budget applies: the layers before the target run on the repeated
+# batch once per layer, so a large chunk makes that first pass cost chunk times a plain forward.
+BUDGET_CHUNK = 8
+
+
+def _probe(
+    names: Sequence[str],
+    kept: dict[str, nn.Module],
+    adapter: ModelAdapter,
+    inputs: Any,
+    targets: torch.Tensor,
+    loss_fn: LossFn,
+) -> dict[str, float]:
+    """Seconds per perturbation of each layer, timed on 2 perturbations (the first pass included: an overestimate)."""
+    out = {}
+    for name in names:
+        t = time.perf_counter()
+        perturbed_losses(adapter, kept[name], inputs, targets, loss_fn, 2, 0.0, torch.Generator(), chunk_size=1)
+        out[name] = (time.perf_counter() - t) / 2
+    return out
+
+
+def _fit_budget(
+    names: list[str], per_draw: dict[str, float], seconds: float, num_perturbations: int, min_perturbations: int
+) -> tuple[list[str], int]:
+    """The most finalists (best first) and the largest K <= num_perturbations that fit `seconds`.
+
+    Finalists are dropped from the end until K reaches `min_perturbations`; the best-screened layer is
+    always scored, with at least `min_perturbations` draws even over budget.
+    """
+    names = list(names)
+    while True:
+        k = int(seconds / max(sum(per_draw[n] for n in names), 1e-9))
+        if k >= min_perturbations or len(names) == 1:
+            return names, max(min_perturbations, min(num_perturbations, k))
+        names.pop()
+
+
+def _score_layer(
+    name: str,
+    m: nn.Module,
+    adapter: ModelAdapter,
+    inputs: Any,
+    targets: torch.Tensor,
+    loss_fn: LossFn,
+    k: int,
+    perturbation_std: float,
+    sigma: float,
+    seed: int,
+    order: int,
+    chunks: dict[str, Any],
+    progress: bool,
+) -> LayerScore:
+    """The full Eq. 6 score of one layer with K draws."""
+    t1 = time.perf_counter()
+    w = m.weight.detach()
+    g = torch.Generator(device=w.device).manual_seed(_layer_seed(seed, name))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=k, desc=f"Eq. 6 {name}", unit="perturbation", leave=False)
+    try:
+        losses = perturbed_losses(
+            adapter, m, inputs, targets, loss_fn, k, perturbation_std, g, **chunks, on_chunk=bar.update if bar else None
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if not torch.isfinite(losses).all():
+        raise FloatingPointError(
+            f"Perturbing {name!r} with sigma={sigma} gave non-finite losses; lower sigma or check the batch."
+        )
+    entropy = kde_entropy(losses)
+    seconds = time.perf_counter() - t1
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"  {name}: {float(entropy.sum()):.2f} nats ({seconds:.1f} s)")
+    return LayerScore(
+        name=name,
+        kind=type(m).__name__,
+        shape=tuple(w.shape),
+        num_weights=w.numel(),
+        score=float(entropy.sum()),
+        loss_std=float(losses.std(dim=1).mean()),
+        perturbation_std=perturbation_std,
+        seconds=seconds,
+        order=order,
     )

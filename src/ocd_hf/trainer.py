@@ -133,12 +133,7 @@ class OCDTrainer:
 
     def _shared_tempdir(self) -> str:
         """A temporary folder made by the main process and broadcast, so every process writes into it."""
-        path = [tempfile.mkdtemp(prefix="ocd-collect-") if self.accelerator.is_main_process else None]
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(path)
-        return path[0]
+        return from_main(self.accelerator, lambda: tempfile.mkdtemp(prefix="ocd-collect-"))
 
     # ------------------------------------------------------------------ step 0: layer selection
     def select_layer(self, data: Any, **kwargs: Any) -> SelectionReport:
@@ -148,8 +143,11 @@ class OCDTrainer:
         the wrapper's `selection_kwargs`. The report is kept in `ocd.selection_report`, its summary in `ocd.state`.
         """
         ocd = self.ocd
-        kwargs = {"seed": self.args.seed, **ocd.selection_kwargs, **kwargs}
-        report = select_layer(ocd.model, data, self.loss_fn, adapter=ocd.adapter, **kwargs)
+        kwargs = {"seed": self.args.seed, "progress": self.progress, **ocd.selection_kwargs, **kwargs}
+        # the main process chooses (a time budget can make K differ between processes) and tells the others
+        report = from_main(
+            self.accelerator, lambda: select_layer(ocd.model, data, self.loss_fn, adapter=ocd.adapter, **kwargs)
+        )
         ocd.config = ocd.config.replace(layer=report.winner)
         ocd.state.selection = report.summary()
         ocd.selection_report = report
@@ -278,3 +276,13 @@ class OCDTrainer:
         ocd.state.delta_scale = result["delta_scale"]
         ocd.state.calibration = result
         return result
+
+
+def from_main(accelerator: Accelerator, make: Callable[[], Any]) -> Any:
+    """`make()` run on the main process only, its result broadcast to the others."""
+    box = [make() if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(box)
+    return box[0]

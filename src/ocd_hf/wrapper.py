@@ -22,6 +22,7 @@ from .head import OCDHead
 from .health import check_conditioning
 from .hub import push_folder
 from .integrations import ModelAdapter, get_adapter
+from .integrations.inputs import check_batch, check_call, check_resolved, reject_with_pretrained
 from .layers import resolve_layer
 from .loading import load_pretrained
 from .losses import LossFn, resolve_loss
@@ -29,7 +30,7 @@ from .modes import eval_mode
 from .per_sample import per_sample_weights
 from .predict import PredictMixin
 from .prefix import reuse_prefix
-from .selection import SelectionReport
+from .selection import AUTO_SELECTION, SelectionReport
 from .serialization import make_record, save_head_folder
 from .state import FittedState, HeadShapes, Provenance
 from .trainer import OCDTrainer
@@ -91,6 +92,7 @@ class OCDWrapper(PredictMixin, nn.Module):
         config: OCDConfig | None = None,
         selection_data: Any = None,
         selection_kwargs: dict[str, Any] | None = None,
+        tokenizer: Any = None,
         **kwargs: Any,
     ) -> OCDWrapper:
         """Load a trained head onto `model`, or prepare a new one.
@@ -99,26 +101,23 @@ class OCDWrapper(PredictMixin, nn.Module):
         (`revision`, `subfolder`, `token`, `cache_dir`, `allow_mismatch`, `num_inference_steps`, ...).
         Without it, `layer` names the target layer ("auto" or a list of names: chosen by the entropy
         criterion on `selection_data`, else on the first samples given to `fit`) and `kwargs` are
-        `OCDConfig` fields.
+        `OCDConfig` fields. `tokenizer` (transformers models) lets the wrapper and `predict` take raw strings.
         """
+        adapter = get_adapter(model, tokenizer=tokenizer) if tokenizer is not None else None
         if pretrained_head is not None:
-            given = [
-                k for k, v in dict(layer=layer, config=config, selection_data=selection_data).items() if v is not None
-            ]
-            if given:
-                raise ValueError(
-                    f"{given} cannot be combined with a pretrained head: the head fixes its layer and settings "
-                    "(see its ocd_config.json). Drop them, or build a new head without pretrained_head."
-                )
-            return cls(**load_pretrained(model, pretrained_head, **kwargs))
+            reject_with_pretrained(layer=layer, config=config, selection_data=selection_data)
+            return cls(
+                **{**load_pretrained(model, pretrained_head, **kwargs), **({"adapter": adapter} if adapter else {})}
+            )
         legacy = pop_legacy_keys(kwargs)
         config = config.replace(**kwargs) if config is not None else OCDConfig(**kwargs)
         restrict = list(layer) if isinstance(layer, (list, tuple)) else None
         if layer is not None:
             config = config.replace(layer=AUTO if restrict else layer)
-        ocd = cls(model, config)
+        ocd = cls(model, config, adapter=adapter)
         ocd.training_defaults = legacy
-        ocd.selection_kwargs = {**(selection_kwargs or {}), **({"layer": restrict} if restrict else {})}
+        extra = {"layer": restrict} if restrict else {}
+        ocd.selection_kwargs = {**AUTO_SELECTION, **(selection_kwargs or {}), **extra}
         if selection_data is not None:
             if ocd.layer is not None:
                 raise ValueError(f"selection_data needs layer='auto' or a list of layers; got layer={config.layer!r}.")
@@ -197,8 +196,11 @@ class OCDWrapper(PredictMixin, nn.Module):
     @torch.no_grad()
     def conditioning(self, inputs: Any) -> tuple[Conditioning, torch.Tensor]:
         """Run the unmodified model once; returns I(x) and the base output f(x)."""
+        check_resolved(self.layer)
         with eval_mode(self.module) as module, capture_layer(self.layer) as cap:
             out = self.adapter.forward(module, inputs)
+        check_batch(inputs, cap.layer_input, out)  # the inputs themselves: unbatched, NaN / inf rows
+        # what the model made of them: the output width the head expects, overflow inside the model
         return check_conditioning(Conditioning(cap.layer_input, cap.layer_output, pool(out)), self.shapes), out
 
     @torch.no_grad()
@@ -238,6 +240,7 @@ class OCDWrapper(PredictMixin, nn.Module):
         With num_samples > 1: "probs" returns log of the averaged class probabilities (regression heads
         average outputs), "outputs" averages the raw outputs, "mean_weights" runs once with the mean delta.
         """
+        check_call(self.layer, num_samples)
         if ensemble not in ENSEMBLES:
             raise ValueError(f"ensemble={ensemble!r}; choose one of {list(ENSEMBLES)}.")
         with reuse_prefix(self.module, self.layer, self.reuse_prefix):

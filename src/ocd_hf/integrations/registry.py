@@ -9,6 +9,7 @@ plain PyTorch is the fallback for any other nn.Module.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,13 @@ def get_adapter(model: Any, **kwargs: Any) -> ModelAdapter:
     family = detect_family(model)
     entry = next((e for e in _REGISTRY if e.name == family), None)
     cls = entry.load() if entry is not None else TorchAdapter
+    accepted = inspect.signature(cls.__init__).parameters
+    extra = [k for k in kwargs if k not in accepted]
+    if extra:
+        raise TypeError(
+            f"{extra} do not apply to a {family} model ({cls.__name__} takes {[p for p in accepted if p not in ('self', 'model')]}); "
+            "tokenizer= is for transformers models (SetFit and sentence-transformers tokenize by themselves)."
+        )
     return cls(model, **kwargs)
 
 

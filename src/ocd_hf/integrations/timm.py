@@ -42,6 +42,20 @@ class TimmAdapter(TorchAdapter):
             return x, y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
         return super().split_batch(batch)
 
+    def forward(self, module: nn.Module, inputs: Any) -> torch.Tensor:
+        if isinstance(inputs, Mapping):  # {"pixel_values": x}, as image processors return it
+            key = next((k for k in IMAGE_KEYS if k in inputs), None)
+            if key is None:
+                raise ValueError(
+                    f"A dict input for a timm model needs one of {list(IMAGE_KEYS)}; got {sorted(inputs)}."
+                )
+            inputs = inputs[key]
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 3:
+            raise ValueError(
+                f"timm models take a batch of images [B, C, H, W]; got one image {tuple(inputs.shape)}: pass x.unsqueeze(0)."
+            )
+        return super().forward(module, inputs)
+
     def describe(self) -> dict[str, str | None]:
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
         name = cfg.get("hf_hub_id") or cfg.get("architecture") or type(self.model).__name__

@@ -5,9 +5,11 @@ Sequence / image / audio classification heads get a default loss (cross-entropy,
 included) is a candidate. Tokenized Hugging Face `datasets` work as training data: rows are collated
 with `data_collator` (e.g. `DataCollatorWithPadding(tokenizer)`), or with the tokenizer's padding, or
 else padded here with the model's `pad_token_id`; columns that are not numbers (e.g. "text") are
-dropped and "label" becomes "labels".
+dropped and "label" becomes "labels". With a tokenizer, rows of raw text ("text", "sentence" or
+"content" column, no input_ids) are tokenized per batch.
 
-To give a tokenizer or collator: `OCDWrapper.from_pretrained(TransformersAdapter(model, tokenizer=tok), layer=...)`.
+With a tokenizer (`OCDWrapper.from_pretrained(model, layer=..., tokenizer=tok)`) the wrapper and `predict`
+take raw strings; a collator: `OCDWrapper.from_pretrained(TransformersAdapter(model, data_collator=c), layer=...)`.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from .batches import LABEL_KEYS, label_key
+from .batches import LABEL_KEYS, label_key, module_device
 from .torch import TorchAdapter
 
+# Columns that hold raw text, tokenized with the adapter's tokenizer when a batch has no input_ids.
+TEXT_KEYS = ("text", "sentence", "content")
 CLASSIFICATION_SUFFIXES = (
     "ForSequenceClassification",
     "ForImageClassification",
@@ -58,9 +62,38 @@ class TransformersAdapter(TorchAdapter):
     def collate_fn(self):
         return self._collate
 
+    # ------------------------------------------------------------------ raw strings
+    def prepare_inputs(self, inputs: Any) -> Any:
+        return super().prepare_inputs(self.encode(inputs))
+
+    def forward(self, module: nn.Module, inputs: Any) -> torch.Tensor:
+        if _is_text(inputs):
+            inputs = self.to_device(self.encode(inputs), module_device(module))
+        return super().forward(module, inputs)
+
+    def encode(self, inputs: Any) -> Any:
+        """Raw strings (one or a list) -> the tokenizer's padded tensors; anything else as it is."""
+        if not _is_text(inputs):
+            return inputs
+        if self.tokenizer is None:
+            raise ValueError(
+                "Raw strings need a tokenizer: OCDWrapper.from_pretrained(model, layer=..., "
+                "tokenizer=AutoTokenizer.from_pretrained(<the model's id or folder>))."
+            )
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        return dict(self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt"))
+
     def _collate(self, rows: list[Any]) -> Any:
         if not rows or not isinstance(rows[0], Mapping):
             return default_collate(rows)
+        text = next((k for k in TEXT_KEYS if isinstance(rows[0].get(k), str)), None)
+        if text is not None and "input_ids" not in rows[0] and self.tokenizer is not None:
+            # raw text rows (e.g. a datasets.Dataset with "text" and "label"): tokenized per batch
+            batch = self.encode([row[text] for row in rows])
+            key = label_key(rows[0])
+            if key is not None:
+                batch["labels"] = _tensor(np.asarray([_as_array(row[key]) for row in rows]))
+            return batch
         rows = [{("labels" if k in LABEL_KEYS else k): v for k, v in row.items() if _numeric(v)} for row in rows]
         if self.data_collator is not None:
             return self.data_collator(rows)
@@ -79,6 +112,12 @@ class TransformersAdapter(TorchAdapter):
             "base_model": getattr(cfg, "_name_or_path", None) or type(self.model).__name__,
             "base_model_library": "transformers",
         }
+
+
+def _is_text(inputs: Any) -> bool:
+    return isinstance(inputs, str) or (
+        isinstance(inputs, (list, tuple)) and bool(inputs) and all(isinstance(t, str) for t in inputs)
+    )
 
 
 def default_loss_for(model: nn.Module) -> str | None:
