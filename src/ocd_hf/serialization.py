@@ -311,6 +311,8 @@ def build_head(record: HeadRecord, state: dict[str, torch.Tensor], where: str) -
     # Building the head draws random initial weights; keep the caller's RNG stream untouched.
     with torch.random.fork_rng(devices=[]):
         head = OCDHead(record.config, record.shapes)
+        if record.fitted.distillation is not None:  # a distilled head also stores its one-pass student
+            head.add_student(record.fitted.distillation.get("guidance_scale", 1.0))
     expected = head.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
