@@ -194,3 +194,29 @@ def test_condition_cache_is_exact(guidance):
     assert len(encodes) == 11
     assert torch.equal(cached, x.reshape(2, 3, *shape))
     assert not cached.is_inference()  # usable in autograd by the caller
+
+
+def test_sampling_steps_benchmark_quick():
+    """`benchmarks/sampling_steps.py --quick` runs and prints every sampler row and every engineering change."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "sampling_steps.py"), "--quick"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for row in ("| base | 0 |", "| DDIM 1 | 1 |", "| DDIM 3 | 3 |", "| DDIM 10 | 10 |", "| distilled | 1 |"):
+        assert row in out, row
+    assert "| DDIM 10 | 10 |" in out and "1.00 ± 0.00 |" in out  # the teacher's own share
+    for change in ("inference_mode", "condition embedding once", "DDIMScheduler.step", "one denoiser batch"):
+        assert change in out, change
