@@ -109,7 +109,8 @@ def measure_group(fns: dict[str, Any], repeats: int) -> dict[str, float]:
 
 def score(ocd: OCDWrapper, x: torch.Tensor, y: torch.Tensor, oracle: torch.Tensor, seed: int) -> dict[str, float]:
     """Uncalibrated draws with the config's sampler: CE and accuracy of one draw, its mean cosine to the
-    oracle, the spread of the sampled Ω_0 against the targets', and CE of a 5-draw probability ensemble."""
+    oracle, the spread of the sampled Ω_0 against the targets', how much of the deltas' spread is
+    draw-to-draw (std over the 5 draws of one input / overall std) and CE of a 5-draw probability ensemble."""
     cond, _ = ocd.conditioning(x)
     deltas = ocd.generate_deltas(cond, 5, torch.Generator().manual_seed(seed), delta_scale=1.0)
     outs = torch.stack([ocd.forward_with_deltas(x, d) for d in deltas])
@@ -119,6 +120,7 @@ def score(ocd: OCDWrapper, x: torch.Tensor, y: torch.Tensor, oracle: torch.Tenso
         "acc": (outs[0].argmax(-1) == y).float().mean().item(),
         "cos": cos.mean().item(),
         "spread": ocd.last_health.ratio,
+        "diversity": (deltas.std(0).mean() / deltas.std()).item(),
         "ce_x5": torch.nn.functional.nll_loss(combine_draws(outs, "classification"), y).item(),
     }
 
@@ -134,7 +136,9 @@ def sampler_rows(ocd: OCDWrapper, test: TensorDataset, seed: int, repeats: int, 
         configs["distilled"] = ocd.config.replace(sampler="distilled")
     keep = ocd.config
     nan = float("nan")
-    rows: dict[str, dict] = {"base": {"ce": base, "acc": base_acc, "cos": nan, "spread": nan, "ce_x5": base, "ms": 0.0}}
+    rows: dict[str, dict] = {
+        "base": {"ce": base, "acc": base_acc, "cos": nan, "spread": nan, "diversity": nan, "ce_x5": base, "ms": 0.0}
+    }
     cond_b, _ = ocd.conditioning(x[:batch])
     gens = {}
     for name, cfg in configs.items():
@@ -304,8 +308,9 @@ def report(args: Any, per_seed: list[dict], records: list[dict], eng: list, late
         f"`{cmd}{' --quick' if args.quick else ''}` (threads {args.threads}; {len(per_seed)} seed(s), mean ± SD)",
         "",
         "| sampler | denoiser passes / draw | CE | accuracy | share of the 10-step gain | cosine to oracle Δ "
-        "| share of the 10-step cosine | Ω₀ spread / targets' | CE, 5-draw ensemble | generation ms / sample |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| share of the 10-step cosine | Ω₀ spread / targets' | draw-to-draw share of the spread "
+        "| CE, 5-draw ensemble | generation ms / sample |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in per_seed[0]:
         col = lambda k: [rows[name][k] for rows in per_seed]  # noqa: E731
@@ -318,7 +323,7 @@ def report(args: Any, per_seed: list[dict], records: list[dict], eng: list, late
             f"| {name} | {passes} | {mean_sd(col('ce'))} | {mean_sd(col('acc'))} | "
             f"{'–' if name == 'base' else mean_sd(gain, 2)} | {mean_sd(col('cos'))} | "
             f"{'–' if name == 'base' else mean_sd(cshare, 2)} | {mean_sd(col('spread'), 2)} | "
-            f"{mean_sd(col('ce_x5'))} | {mean_sd(col('ms'), 1)} |"
+            f"{mean_sd(col('diversity'), 2)} | {mean_sd(col('ce_x5'))} | {mean_sd(col('ms'), 1)} |"
         )
     r = records[0]
     lines += [
