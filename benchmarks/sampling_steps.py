@@ -307,23 +307,25 @@ def report(args: Any, per_seed: list[dict], records: list[dict], eng: list, late
     lines = [
         f"`{cmd}{' --quick' if args.quick else ''}` (threads {args.threads}; {len(per_seed)} seed(s), mean ± SD)",
         "",
-        "| sampler | denoiser passes / draw | CE | accuracy | share of the 10-step gain | cosine to oracle Δ "
-        "| share of the 10-step cosine | Ω₀ spread / targets' | draw-to-draw share of the spread "
-        "| CE, 5-draw ensemble | generation ms / sample |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| sampler | denoiser passes / draw | CE | gain over base | share of the 10-step gain | accuracy "
+        "| cosine to oracle Δ | share of the 10-step cosine | Ω₀ spread / targets' | draw-to-draw share of the spread "
+        "| CE, 5-draw ensemble | generation ms / sample | speed-up vs 10 steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ten_gain = statistics.mean(rows["base"]["ce"] - rows["DDIM 10"]["ce"] for rows in per_seed)
+    ten_cos = statistics.mean(rows["DDIM 10"]["cos"] for rows in per_seed)
     for name in per_seed[0]:
         col = lambda k: [rows[name][k] for rows in per_seed]  # noqa: E731
-        base = [rows["base"]["ce"] for rows in per_seed]
-        ten = [rows["DDIM 10"] for rows in per_seed]
-        gain = [(b - r) / (b - t["ce"]) for b, r, t in zip(base, col("ce"), ten)]
-        cshare = [c / t["cos"] for c, t in zip(col("cos"), ten)]
+        gain = [rows["base"]["ce"] - rows[name]["ce"] for rows in per_seed]
+        # shares are ratios of the means over seeds: one seed's gain can be ~0 or negative
+        share = f"{statistics.mean(gain) / ten_gain:.2f}" if name != "base" and ten_gain else "–"
+        cshare = f"{statistics.mean(col('cos')) / ten_cos:.2f}" if name != "base" and ten_cos else "–"
         passes = {"base": "0", "distilled": "1"}.get(name, name.split()[-1])
+        speed = "–" if name == "base" else mean_sd([rows["DDIM 10"]["ms"] / rows[name]["ms"] for rows in per_seed], 1)
         lines.append(
-            f"| {name} | {passes} | {mean_sd(col('ce'))} | {mean_sd(col('acc'))} | "
-            f"{'–' if name == 'base' else mean_sd(gain, 2)} | {mean_sd(col('cos'))} | "
-            f"{'–' if name == 'base' else mean_sd(cshare, 2)} | {mean_sd(col('spread'), 2)} | "
-            f"{mean_sd(col('diversity'), 2)} | {mean_sd(col('ce_x5'))} | {mean_sd(col('ms'), 1)} |"
+            f"| {name} | {passes} | {mean_sd(col('ce'))} | {mean_sd(gain)} | {share} | {mean_sd(col('acc'))} | "
+            f"{mean_sd(col('cos'))} | {cshare} | {mean_sd(col('spread'), 2)} | "
+            f"{mean_sd(col('diversity'), 2)} | {mean_sd(col('ce_x5'))} | {mean_sd(col('ms'), 1)} | {speed} |"
         )
     r = records[0]
     lines += [

@@ -217,6 +217,5 @@ def test_sampling_steps_benchmark_quick():
     out = proc.stdout
     for row in ("| base | 0 |", "| DDIM 1 | 1 |", "| DDIM 3 | 3 |", "| DDIM 10 | 10 |", "| distilled | 1 |"):
         assert row in out, row
-    assert "| DDIM 10 | 10 |" in out and "1.00 ± 0.00 |" in out  # the teacher's own share
     for change in ("inference_mode", "condition embedding once", "DDIMScheduler.step", "one denoiser batch"):
         assert change in out, change
