@@ -21,6 +21,7 @@ Target = Literal["full", "factored"]
 Task = Literal["classification", "regression"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 Pooling = Literal["mean"]
+Sampler = Literal["ddim", "distilled"]
 
 AUTO = "auto"
 
@@ -52,7 +53,9 @@ class OCDConfig:
         pooling: How token / spatial dims of the conditioning are pooled (docs/concepts.md).
         prediction_type: What the denoiser predicts: "sample" (x0), "epsilon" or "v_prediction".
         num_train_timesteps: Diffusion steps of the training schedule.
-        num_inference_steps: DDIM steps when sampling.
+        num_inference_steps: DDIM steps when sampling with the diffusion model (`sampler="ddim"`).
+        sampler: "ddim" runs `num_inference_steps` denoiser passes per draw; "distilled" runs the one-pass
+            student made by `OCDWrapper.distill` (set by it; docs/concepts.md, "Sampling and distillation").
         beta_schedule: The diffusers beta schedule.
         cond_dropout: Probability of training the denoiser on the null condition (classifier-free guidance).
         guidance_scale: Sampling mixes uncond + guidance_scale·(cond − uncond); 1 is plain sampling.
@@ -77,6 +80,7 @@ class OCDConfig:
     prediction_type: PredictionType = "sample"
     num_train_timesteps: int = 1000
     num_inference_steps: int = 10
+    sampler: Sampler = "ddim"
     beta_schedule: BetaSchedule = "linear"
     cond_dropout: float = 0.0
     guidance_scale: float = 1.0

@@ -15,7 +15,9 @@ zero-padded to a multiple of 2^(n_blocks-1) and the padding is cropped from the 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from diffusers import UNet1DModel
@@ -95,6 +97,8 @@ class ConditionalUNet1D(nn.Module):
         # the condition dropout this denoiser was built (and trained) with: guidance warns when it is 0
         self.cond_dropout = float(config.cond_dropout)
         self._cond: torch.Tensor | None = None
+        self._cache: tuple[Conditioning, torch.Tensor] | None = None
+        self._caching = False
         self.unet.time_mlp.register_forward_hook(self._add_condition)
 
     def _add_condition(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -113,13 +117,35 @@ class ConditionalUNet1D(nn.Module):
         m = seq if self.transpose else seq.transpose(1, 2)
         return m.reshape(seq.shape[0], *self.weight_shape)
 
-    def forward(self, omega_t: torch.Tensor, timesteps: torch.Tensor | int, cond: Conditioning) -> torch.Tensor:
-        """omega_t [B, *weight_shape], timesteps [B] or scalar, cond normalised I(x) -> prediction [B, *weight_shape]."""
-        self._cond = (
+    def encode_condition(self, cond: Conditioning) -> torch.Tensor:
+        """E_i(i_L) + E_a(a_L) + E_o(f(x)) for normalised I(x): [B, embedding width]."""
+        return (
             self.enc_input(cond.layer_input)
             + self.enc_activation(cond.layer_output)
             + self.enc_output(cond.model_output)
         )
+
+    @contextlib.contextmanager
+    def condition_cache(self) -> Iterator[None]:
+        """Within this block the embedding of a condition is computed once and reused while the same
+        `Conditioning` object is passed again (a sampling loop calls the denoiser once per step with it)."""
+        self._caching, self._cache = True, None
+        try:
+            yield
+        finally:
+            self._caching, self._cache = False, None
+
+    def _embedding(self, cond: Conditioning) -> torch.Tensor:
+        if not self._caching:
+            return self.encode_condition(cond)
+        # keyed on identity: the same object holds the same tensors, so the embedding cannot be stale
+        if self._cache is None or self._cache[0] is not cond:
+            self._cache = (cond, self.encode_condition(cond))
+        return self._cache[1]
+
+    def forward(self, omega_t: torch.Tensor, timesteps: torch.Tensor | int, cond: Conditioning) -> torch.Tensor:
+        """omega_t [B, *weight_shape], timesteps [B] or scalar, cond normalised I(x) -> prediction [B, *weight_shape]."""
+        self._cond = self._embedding(cond)
         try:
             out = self.unet(self.to_sequence(omega_t), timesteps).sample
         finally:

@@ -1,9 +1,12 @@
-"""`OCDHead`: everything a trained OCD head stores — denoiser, scale net and normalisation statistics.
+"""`OCDHead`: everything a trained OCD head stores — denoiser, scale net and normalisation statistics,
+and the distilled one-pass student once `OCDWrapper.distill` made one.
 
-Its state dict is exactly what `ocd_head.safetensors` holds.
+Its state dict is exactly what `ocd_head.safetensors` holds (the student's tensors under `student.`).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -42,6 +45,34 @@ class OCDHead(nn.Module):
             self.register_buffer(f"{key}_std", torch.ones(d))
         # The mean training delta: the "same delta for every sample" control and a sanity baseline.
         self.register_buffer("mean_delta", torch.zeros(*shapes.target_shape))
+        # the one-pass student (ocd_hf.distillation) and the guidance_scale of the sampling it imitates
+        self.student: ConditionalUNet1D | None = None
+        self.student_guidance: float | None = None
+
+    def add_student(self, guidance_scale: float) -> ConditionalUNet1D:
+        """A fresh copy of the denoiser as the one-pass student, imitating sampling at `guidance_scale`."""
+        self.student = copy.deepcopy(self.denoiser)
+        self.student_guidance = float(guidance_scale)
+        return self.student
+
+    def sampler_for(self, config: OCDConfig) -> tuple[ConditionalUNet1D, int, float]:
+        """(denoiser, passes, guidance_scale) that `config.sampler` asks for; raises if the head cannot do it."""
+        if config.sampler == "ddim":
+            return self.denoiser, config.num_inference_steps, config.guidance_scale
+        if self.student is None:
+            raise RuntimeError(
+                "sampler='distilled' but this head has no distilled student: call ocd.distill(dataset) first, or "
+                "sample with the diffusion model: ocd.config = ocd.config.replace(sampler='ddim')."
+            )
+        if config.guidance_scale != self.student_guidance:
+            raise ValueError(
+                f"The distilled student imitates sampling at guidance_scale={self.student_guidance:g}, but the config "
+                f"asks for guidance_scale={config.guidance_scale:g}. Distill again at the new scale "
+                "(ocd.distill(dataset)), or sample with the diffusion model: "
+                "ocd.config = ocd.config.replace(sampler='ddim')."
+            )
+        # the student's guidance is baked in: one unguided pass from t = T-1 (a 1-step DDIM)
+        return self.student, 1, 1.0
 
     def normalize(self, cond: Conditioning) -> Conditioning:
         """Standardise each conditioning vector with the training set's statistics.
@@ -96,21 +127,17 @@ class OCDHead(nn.Module):
         delta_scale: float = 1.0,
         target_std: float | None = None,
     ) -> tuple[torch.Tensor, SampleHealth]:
-        """delta_scale · ρ̂(I(x)) · Ω_0 with Ω_0 drawn by DDIM, and the draws' health.
+        """delta_scale · ρ̂(I(x)) · Ω_0 with Ω_0 drawn by DDIM or the distilled student (`config.sampler`),
+        and the draws' health.
 
         Returns [num_samples, B, *target_shape] deltas ([.., B, out] for a factored target). Raises on
         non-finite deltas; warns when the draws' spread leaves `target_std`'s range.
         """
         self.eval()
+        denoiser, steps, guidance = self.sampler_for(config)
         normed = self.normalize(cond)
         omega = sample_omega(
-            self.denoiser,
-            normed,
-            make_sampling_scheduler(config),
-            config.num_inference_steps,
-            num_samples,
-            generator,
-            guidance_scale=config.guidance_scale,
+            denoiser, normed, make_sampling_scheduler(config), steps, num_samples, generator, guidance_scale=guidance
         )
         health = check_samples(omega, target_std)
         scale = self.scale_net(normed) * delta_scale

@@ -45,7 +45,6 @@ def training_target(
     return scheduler.get_velocity(clean, noise, t)
 
 
-@torch.no_grad()
 def sample_omega(
     denoiser: ConditionalUNet1D,
     cond: Conditioning,
@@ -54,41 +53,51 @@ def sample_omega(
     num_samples: int = 1,
     generator: torch.Generator | None = None,
     guidance_scale: float = 1.0,
+    *,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run DDIM from noise; returns normalised deltas Ω_0 of shape [num_samples, B, *weight_shape].
 
-    `cond` is the normalised I(x). All draws run as one batch. The denoiser is put in eval mode for the
-    loop and its mode restored.
+    `cond` is the normalised I(x). All draws run as one batch, and the condition's embedding is computed
+    once per call (not once per step). The denoiser is put in eval mode for the loop and its mode
+    restored. The loop runs under `torch.inference_mode`; the result is an ordinary tensor.
 
     Classifier-free guidance: with `guidance_scale` w != 1 every step runs the conditional and the null
     (all-zeros normalised) condition in one doubled batch and uses uncond + w·(cond − uncond) — valid for
     every prediction_type, each being linear in the model output. w == 1 is the plain single pass.
+
+    Args:
+        noise: The starting noise [num_samples·B, *weight_shape] (draw-major); drawn from `generator` when None.
     """
     b = cond.layer_input.shape[0]
     device = cond.layer_input.device
-    rep = Conditioning(*(c.repeat(num_samples, 1) for c in cond))
     shape = (num_samples * b, *denoiser.weight_shape)
     # noise is drawn in float32 whatever the head's dtype, so a cast head samples from the same stream
     dtype = next(denoiser.parameters(), torch.empty(0)).dtype
-    x = torch.randn(shape, generator=generator, device=device if generator is None else generator.device)
-    x = x.to(device=device, dtype=dtype)
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device=device if generator is None else generator.device)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape} (num_samples·B, *weight_shape).")
     guided = guidance_scale != 1.0
-    if guided:
-        if getattr(denoiser, "cond_dropout", None) == 0:
-            warnings.warn(
-                f"guidance_scale={guidance_scale} on a head trained with cond_dropout=0: its null-condition "
-                "branch was never trained, so guidance extrapolates from an untrained prediction. Train with "
-                "cond_dropout > 0 (e.g. 0.1) to use classifier-free guidance.",
-                stacklevel=2,
-            )
-        both = Conditioning(*(torch.cat([c, n]) for c, n in zip(rep, null_condition(rep))))
-    with eval_mode(denoiser):
+    if guided and getattr(denoiser, "cond_dropout", None) == 0:
+        warnings.warn(
+            f"guidance_scale={guidance_scale} on a head trained with cond_dropout=0: its null-condition "
+            "branch was never trained, so guidance extrapolates from an untrained prediction. Train with "
+            "cond_dropout > 0 (e.g. 0.1) to use classifier-free guidance.",
+            stacklevel=2,
+        )
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    with torch.inference_mode(), eval_mode(denoiser), denoiser.condition_cache():
+        x = noise.to(device=device, dtype=dtype)
+        rep = Conditioning(*(c.repeat(num_samples, 1) for c in cond))
+        if guided:
+            rep = Conditioning(*(torch.cat([c, n]) for c, n in zip(rep, null_condition(rep))))
         for t in scheduler.timesteps:
             if guided:
-                pred_cond, pred_uncond = denoiser(torch.cat([x, x]), t, both).chunk(2)
+                pred_cond, pred_uncond = denoiser(torch.cat([x, x]), t, rep).chunk(2)
                 pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
             else:
                 pred = denoiser(x, t, rep)
             x = scheduler.step(pred, t, x, eta=0.0).prev_sample
-    return x.reshape(num_samples, b, *denoiser.weight_shape)
+    # a copy made outside inference mode, so that callers may use the deltas in autograd
+    return x.reshape(num_samples, b, *denoiser.weight_shape).clone()

@@ -48,7 +48,7 @@ FORMAT_VERSION = 3
 # Keys each format version added (dotted for the state's sections, bare for config keys and the state's
 # top level); a folder of an older version may lack them. Every key saving writes is otherwise required,
 # so a new OCDConfig / state field needs a FORMAT_VERSION bump and an entry here.
-ADDED_IN_VERSION = {3: {"head_sha256", "provenance.model_fingerprint"}}
+ADDED_IN_VERSION = {3: {"head_sha256", "provenance.model_fingerprint", "sampler", "fitted.distillation"}}
 HEAD_FILES = (CONFIG_NAME, STATE_NAME, HEAD_NAME, MODEL_CARD_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -480,6 +480,8 @@ def build_head(record: HeadRecord, state: dict[str, torch.Tensor], where: str) -
     # Building the head draws random initial weights; keep the caller's RNG stream untouched.
     with torch.random.fork_rng(devices=[]):
         head = OCDHead(record.config, record.shapes)
+        if record.fitted.distillation is not None:  # a distilled head also stores its one-pass student
+            head.add_student(record.fitted.distillation.get("guidance_scale", 1.0))
     expected = head.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))

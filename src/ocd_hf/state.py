@@ -74,6 +74,8 @@ class FittedState:
         calibration: The calibration record (grid losses, gain over base and its standard error).
         selection: The layer-selection summary when the layer was chosen with layer="auto".
         collection: How the deltas were collected (given data or cross-fitted).
+        distillation: How the one-pass student was distilled (method, teacher steps, guidance, loss);
+            None when the head has no student.
     """
 
     delta_scale: float = 1.0
@@ -81,6 +83,7 @@ class FittedState:
     calibration: dict[str, Any] | None = None
     selection: dict[str, Any] | None = None
     collection: dict[str, Any] | None = None
+    distillation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -17,6 +17,7 @@ from .capture import Conditioning, capture_layer, pool
 from .card import build_model_card
 from .collection import DeltaStore
 from .config import AUTO, OCDConfig
+from .distillation import distill
 from .ensemble import ENSEMBLES, combine_draws
 from .head import OCDHead
 from .health import check_conditioning
@@ -106,9 +107,8 @@ class OCDWrapper(PredictMixin, nn.Module):
         adapter = get_adapter(model, tokenizer=tokenizer) if tokenizer is not None else None
         if pretrained_head is not None:
             reject_with_pretrained(layer=layer, config=config, selection_data=selection_data)
-            return cls(
-                **{**load_pretrained(model, pretrained_head, **kwargs), **({"adapter": adapter} if adapter else {})}
-            )
+            loaded = load_pretrained(model, pretrained_head, **kwargs)
+            return cls(**{**loaded, "adapter": adapter or loaded["adapter"]})
         legacy = pop_legacy_keys(kwargs)
         config = config.replace(**kwargs) if config is not None else OCDConfig(**kwargs)
         restrict = list(layer) if isinstance(layer, (list, tuple)) else None
@@ -180,15 +180,21 @@ class OCDWrapper(PredictMixin, nn.Module):
         """Step 3 of fit: choose `delta_scale` on held-out data (`OCDTrainer.calibrate`)."""
         return OCDTrainer.from_kwargs(self, calibration_batch_size=batch_size, **kwargs).calibrate(dataset)
 
+    def distill(self, dataset: Any, **kwargs: Any) -> dict[str, Any]:
+        """From now on one denoiser pass per draw: distil the DDIM sampler (`ocd_hf.distillation.distill`)."""
+        return distill(self, dataset, **kwargs)
+
     def attach_head(self, head: OCDHead, shapes: HeadShapes, provenance: Provenance, *, target_std: float) -> None:
         """Use a freshly trained head (called by `OCDTrainer`); resets `delta_scale` to 1 until calibrated."""
         self.head, self.shapes, self.provenance = head, shapes, provenance
-        self.state = dataclasses.replace(self.state, target_std=target_std, delta_scale=1.0, calibration=None)
+        self.config = self.config.replace(sampler="ddim")  # a new head has no student yet
+        fitted = dict(target_std=target_std, delta_scale=1.0, calibration=None, distillation=None)
+        self.state = dataclasses.replace(self.state, **fitted)
 
     def require_head(self) -> OCDHead:
         if self.head is None:
             raise RuntimeError(
-                "This OCDWrapper has no trained head yet: call fit(...) or load one with from_pretrained(model, path)."
+                "This OCDWrapper has no trained head yet: call fit(...) or from_pretrained(model, path)."
             )
         return self.head
 
@@ -199,8 +205,7 @@ class OCDWrapper(PredictMixin, nn.Module):
         check_resolved(self.layer)
         with eval_mode(self.module) as module, capture_layer(self.layer) as cap:
             out = self.adapter.forward(module, inputs)
-        check_batch(inputs, cap.layer_input, out)  # the inputs themselves: unbatched, NaN / inf rows
-        # what the model made of them: the output width the head expects, overflow inside the model
+        check_batch(inputs, cap.layer_input, out)  # the inputs; then what the model made of them (width, overflow)
         return check_conditioning(Conditioning(cap.layer_input, cap.layer_output, pool(out)), self.shapes), out
 
     @torch.no_grad()
@@ -211,11 +216,10 @@ class OCDWrapper(PredictMixin, nn.Module):
         generator: torch.Generator | None = None,
         delta_scale: float | None = None,
     ) -> torch.Tensor:
-        """delta_scale · ρ̂(I(x)) · Ω_0 with Ω_0 from DDIM: [num_samples, B, *weight_shape] ([.., B, out] when factored).
+        """delta_scale · ρ̂(I(x)) · Ω_0, Ω_0 from `config.sampler`: [num_samples, B, *weight_shape] ([.., B, out] if factored).
 
-        delta_scale overrides the calibrated value for this call (1.0 gives the uncalibrated deltas).
-        Raises on non-finite samples and warns when their spread leaves the training targets' range
-        (`self.last_health` keeps the numbers of the last call).
+        delta_scale overrides the calibrated value for this call (1.0 gives the uncalibrated deltas). Raises on
+        non-finite samples; warns when their spread leaves the targets' range (numbers in `self.last_health`).
         """
         scale = self.delta_scale if delta_scale is None else delta_scale
         delta, self.last_health = self.require_head().generate(
@@ -235,11 +239,9 @@ class OCDWrapper(PredictMixin, nn.Module):
     def forward(
         self, inputs: Any, num_samples: int = 1, ensemble: str = "probs", generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Model output with generated per-sample weights.
-
-        With num_samples > 1: "probs" returns log of the averaged class probabilities (regression heads
-        average outputs), "outputs" averages the raw outputs, "mean_weights" runs once with the mean delta.
-        """
+        """Model output with generated per-sample weights. With num_samples > 1, `ensemble` "probs" returns the log
+        of the mean class probabilities (regression: mean output), "outputs" the mean raw output, "mean_weights"
+        one run with the mean delta."""
         check_call(self.layer, num_samples)
         if ensemble not in ENSEMBLES:
             raise ValueError(f"ensemble={ensemble!r}; choose one of {list(ENSEMBLES)}.")
@@ -249,9 +251,7 @@ class OCDWrapper(PredictMixin, nn.Module):
             if ensemble == "mean_weights":
                 deltas = deltas.mean(0, keepdim=True)
             outs = torch.stack([self.forward_with_deltas(inputs, d) for d in deltas])
-        if outs.shape[0] == 1:
-            return outs[0]
-        return combine_draws(outs, self.config.task if ensemble == "probs" else None)
+        return outs[0] if outs.shape[0] == 1 else combine_draws(outs, self.config.task if ensemble == "probs" else None)
 
     # ------------------------------------------------------------------ sharing
     def save_pretrained(
@@ -284,6 +284,7 @@ class OCDWrapper(PredictMixin, nn.Module):
         head = "none (call fit, or from_pretrained(model, path))"
         if self.head is not None:
             cal = "calibrated" if st.calibration is not None else "uncalibrated"
-            head = f"trained, delta_scale={st.delta_scale:g} ({cal}), {c.num_inference_steps} DDIM steps"
+            steps = "distilled one-pass sampler" if c.sampler == "distilled" else f"{c.num_inference_steps} DDIM steps"
+            head = f"trained, delta_scale={st.delta_scale:g} ({cal}), {steps}"
         base = self.provenance.base_model or self.adapter.describe().get("base_model")
         return f"OCDWrapper(\n  base_model={base!r} [{self.adapter.family}],\n  layer={where},\n  head={head}\n)"
