@@ -93,3 +93,14 @@ def test_python_m_ocd_hf_pushes_to_the_hub(setup, tmp_path):
         files = repo.commits[sha]
         assert files["ocd_head.safetensors"] == (head / "ocd_head.safetensors").read_bytes()
         assert 'from_pretrained(model, "user/cli-head")' in files["README.md"].decode()
+
+
+def test_fit_calibrates_and_evaluates_on_disjoint_held_out_rows():
+    from ocd_hf.cli import split
+
+    rows = list(range(20))
+    train, calibration, test = split(rows, 0.2, seed=0)
+    assert len(train) == 16 and len(calibration) == 2 and len(test) == 2
+    assert sorted(train + calibration + test) == rows and not set(calibration) & set(test)
+    assert split(rows, 0.05, seed=0)[2] is None  # one held-out row only calibrates
+    assert split(rows, 0.0, seed=0)[1:] == (None, None)
