@@ -235,8 +235,18 @@ def main(argv=None) -> None:
         print(f"\nHeld-out texts ({len(test)}), SetFit base accuracy via SetFitModel.predict: {setfit_acc:.4f}")
         print(report.to_markdown())
         if out:
+            # the head only loads on the weights it was trained for, so the trained SetFit model is kept beside it
+            model.save_pretrained(str(out / "setfit-model"))
             ocd.save_pretrained(out / "ocd-head", evaluation=report)
-            print(f"saved the OCD head to {out / 'ocd-head'}")
+            reloaded = OCDWrapper.from_pretrained(
+                SetFitModel.from_pretrained(str(out / "setfit-model")), out / "ocd-head"
+            )
+            probe = te_text[:4]
+            same = torch.equal(
+                ocd(probe, generator=torch.Generator().manual_seed(0)),
+                reloaded(probe, generator=torch.Generator().manual_seed(0)),
+            )
+            print(f"saved the SetFit model and the OCD head to {out}; reloaded: identical outputs {same}")
         print(f"\ntotal {time.perf_counter() - t0:.0f}s")
     accelerator.wait_for_everyone()
 

@@ -426,6 +426,7 @@ def test_accelerate_launch_setfit_example(tmp_path):
     # the example calibrates on a validation split disjoint from the test texts
     assert "8 validation texts, 8 test texts" in out.stdout and "delta_scale" in out.stdout
     assert "uncalibrated" not in out.stderr
+    assert "reloaded: identical outputs True" in out.stdout  # the saved SetFit model + head give the same outputs
 
 
 # ---------------------------------------------------------------------------------------------- inputs
