@@ -104,3 +104,12 @@ def test_fit_calibrates_and_evaluates_on_disjoint_held_out_rows():
     assert sorted(train + calibration + test) == rows and not set(calibration) & set(test)
     assert split(rows, 0.05, seed=0)[2] is None  # one held-out row only calibrates
     assert split(rows, 0.0, seed=0)[1:] == (None, None)
+
+
+def test_a_folder_that_is_not_a_head_gives_one_error_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["info", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ocd-hf info: error:") and "not a saved OCD head" in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError):
+        main(["--traceback", "info", str(tmp_path)])

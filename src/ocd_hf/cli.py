@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ocd-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="settings, layer, fingerprint, calibration and card metrics of a head")
@@ -272,7 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except (OSError, ValueError, ImportError) as e:  # bad paths, data or settings: their messages name the fix
+        if args.traceback:
+            raise
+        print(f"ocd-hf {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
