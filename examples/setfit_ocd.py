@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-column", default="label")
     p.add_argument("--shots", type=int, default=8, help="training examples per class")
     p.add_argument("--test-size", type=int, default=200, help="held-out texts to evaluate on")
+    p.add_argument(
+        "--val-size", type=int, default=64, help="held-out texts (not test) that choose delta_scale (0: uncalibrated)"
+    )
     p.add_argument("--num-iterations", type=int, default=5, help="SetFit contrastive pairs per training text")
     p.add_argument("--max-length", type=int, default=128, help="tokens per text")
     p.add_argument("--max-steps", type=int, default=-1, help="cap on SetFit's contrastive training steps (-1: no cap)")
@@ -74,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.shots, args.test_size, args.num_iterations, args.max_length, args.ocd_steps = 4, 8, 1, 32, 10
+        args.val_size = min(args.val_size, 8)
         args.max_steps = 1
     return args
 
@@ -153,11 +157,15 @@ def main(argv=None) -> None:
     classes = sorted(set(tr_label) | set(te_label))  # e.g. ratings 1-5 -> classes 0-4
     to_id = {c: i for i, c in enumerate(classes)}
     tr_text, tr_y = few_shot(tr_text, [to_id[c] for c in tr_label], args.shots, args.seed)
-    te_text, te_y = te_text[: args.test_size], [to_id[c] for c in te_label[: args.test_size]]
+    # validation (chooses delta_scale) and test are disjoint slices of the held-out half
+    va_text, va_y = te_text[: args.val_size], [to_id[c] for c in te_label[: args.val_size]]
+    te_end = args.val_size + args.test_size
+    te_text, te_y = te_text[args.val_size : te_end], [to_id[c] for c in te_label[args.val_size : te_end]]
     train = Dataset.from_dict({"text": tr_text, "label": tr_y})
+    val = Dataset.from_dict({"text": va_text, "label": va_y}) if va_text else None
     test = Dataset.from_dict({"text": te_text, "label": te_y})
     say(
-        f"{args.data}: {len(classes)} classes {classes}; {len(train)} training texts ({args.shots} per class), {len(test)} test texts"
+        f"{args.data}: {len(classes)} classes {classes}; {len(train)} training texts ({args.shots} per class), {len(va_text)} validation texts, {len(test)} test texts"
     )
 
     # ---- 1. few-shot SetFit (contrastive body training, then the head)
@@ -206,6 +214,7 @@ def main(argv=None) -> None:
     out = Path(args.output_dir) if args.output_dir else None
     ocd.fit(
         train,
+        eval_dataset=val,
         batch_size=16,
         num_train_steps=args.ocd_steps,
         seed=args.seed,
@@ -215,7 +224,8 @@ def main(argv=None) -> None:
         output_dir=out / "training" if out else None,
     )
     say(
-        f"OCD on layer {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected and trained in {time.perf_counter() - t1:.0f}s"
+        f"OCD on layer {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected, trained and calibrated "
+        f"(delta_scale {ocd.delta_scale:g}) in {time.perf_counter() - t1:.0f}s"
     )
 
     # ---- 3. evaluation (main process)
@@ -225,8 +235,18 @@ def main(argv=None) -> None:
         print(f"\nHeld-out texts ({len(test)}), SetFit base accuracy via SetFitModel.predict: {setfit_acc:.4f}")
         print(report.to_markdown())
         if out:
+            # the head only loads on the weights it was trained for, so the trained SetFit model is kept beside it
+            model.save_pretrained(str(out / "setfit-model"))
             ocd.save_pretrained(out / "ocd-head", evaluation=report)
-            print(f"saved the OCD head to {out / 'ocd-head'}")
+            reloaded = OCDWrapper.from_pretrained(
+                SetFitModel.from_pretrained(str(out / "setfit-model")), out / "ocd-head"
+            )
+            probe = te_text[:4]
+            same = torch.equal(
+                ocd(probe, generator=torch.Generator().manual_seed(0)),
+                reloaded(probe, generator=torch.Generator().manual_seed(0)),
+            )
+            print(f"saved the SetFit model and the OCD head to {out}; reloaded: identical outputs {same}")
         print(f"\ntotal {time.perf_counter() - t0:.0f}s")
     accelerator.wait_for_everyone()
 

@@ -7,6 +7,10 @@
     # online: timm's pretrained tf_efficientnet_lite0 and the Hub dataset zalando-datasets/fashion_mnist
     python examples/timm_ocd.py
 
+    # any timm architecture, offline, randomly initialised, tiny budget (a smoke test: seconds to a minute)
+    python examples/timm_ocd.py --model vit_tiny_patch16_224 --random-init --quick \
+        --data-dir ../shared/data/vision/fashion-mnist
+
 A few hundred grey images are upsampled to RGB (preprocessing of the weights: (x - 127) / 128), the
 backbone stays frozen, a new 10-class classifier is trained on its features, and OCD generates the
 classifier's weights per image. Prints base vs OCD vs OCD x5 on held-out images.
@@ -62,9 +66,14 @@ def preprocess(images: np.ndarray, size: int) -> torch.Tensor:
     return ((x - 127.0) / 128.0).expand(-1, 3, -1, -1).contiguous()
 
 
-def build_model(name: str, weights: str | None):
+def build_model(name: str, weights: str | None, random_init: bool = False, image_size: int = 224):
     import timm
 
+    if random_init:
+        try:  # ViTs and other fixed-size models are built for the image size used here
+            return timm.create_model(name, pretrained=False, img_size=image_size)
+        except TypeError:  # models without img_size take any size
+            return timm.create_model(name, pretrained=False)
     if weights is None:
         try:
             return timm.create_model(name, pretrained=True)
@@ -102,6 +111,12 @@ def main(argv=None) -> None:
     p.add_argument("--train-size", type=int, default=1000)
     p.add_argument("--test-size", type=int, default=500)
     p.add_argument(
+        "--val-size",
+        type=int,
+        default=200,
+        help="training-split images held out to choose delta_scale (0: uncalibrated)",
+    )
+    p.add_argument(
         "--image-size", type=int, default=128, help="side of the upsampled images (the weights were trained at 224)"
     )
     p.add_argument("--head-epochs", type=int, default=100, help="full-batch epochs for the new classifier")
@@ -109,7 +124,16 @@ def main(argv=None) -> None:
     p.add_argument("--ocd-steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, help="folder to save the trained OCD head to")
+    p.add_argument("--random-init", action="store_true", help="no weights: timm's random initialisation (offline)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny budget (a smoke test): 64 train / 32 test images at 32px, 20 classifier epochs, 20 OCD steps, small OCD head",
+    )
     args = p.parse_args(argv)
+    if args.quick:
+        args.train_size, args.test_size, args.image_size, args.head_epochs, args.ocd_steps = 64, 32, 32, 20, 20
+        args.val_size = min(args.val_size, 32)
 
     from ocd_hf import OCDWrapper
     from ocd_hf.evaluation import evaluate
@@ -119,11 +143,14 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     xtr, ytr, xte, yte = load_fashion_mnist(args.data_dir)
     rng = np.random.default_rng(args.seed)
-    tr, te = rng.permutation(len(ytr))[: args.train_size], rng.permutation(len(yte))[: args.test_size]
+    perm = rng.permutation(len(ytr))  # validation images are training-split images the model never saw
+    tr, va = perm[: args.train_size], perm[args.train_size : args.train_size + args.val_size]
+    te = rng.permutation(len(yte))[: args.test_size]
+    val = TensorDataset(preprocess(xtr[va], args.image_size), torch.from_numpy(ytr[va].astype(np.int64)))
     x_train, x_test = preprocess(xtr[tr], args.image_size), preprocess(xte[te], args.image_size)
     y_train, y_test = torch.from_numpy(ytr[tr].astype(np.int64)), torch.from_numpy(yte[te].astype(np.int64))
 
-    model = build_model(args.model, args.weights).eval()
+    model = build_model(args.model, args.weights, args.random_init, args.image_size).eval()
     model.reset_classifier(10)
     # fine-tune the new classifier on frozen features
     feats = features(model, x_train)
@@ -134,18 +161,24 @@ def main(argv=None) -> None:
         F.cross_entropy(head(feats), y_train).backward()
         opt.step()
     print(
-        f"{args.model} on Fashion-MNIST ({len(y_train)} train / {len(y_test)} test images at {args.image_size}px): "
+        f"{args.model} on Fashion-MNIST ({len(y_train)} train / {len(va)} validation / {len(y_test)} test images at {args.image_size}px): "
         f"classifier fine-tuned in {time.perf_counter() - t0:.0f}s"
     )
 
     t1 = time.perf_counter()
     layer = args.layer or get_adapter(model).preferred_layer  # timm names its classifier
-    ocd = OCDWrapper.from_pretrained(model, layer=layer)
+    small = {"block_out_channels": (16, 16, 32), "cond_hidden_dim": 16, "scale_hidden_dim": 16} if args.quick else {}
+    ocd = OCDWrapper.from_pretrained(model, layer=layer, **small)
     ocd.fit(
-        TensorDataset(x_train, y_train), batch_size=32, num_train_steps=args.ocd_steps, seed=args.seed
+        TensorDataset(x_train, y_train),
+        eval_dataset=val if len(va) else None,
+        batch_size=32,
+        num_train_steps=args.ocd_steps,
+        seed=args.seed,
     )  # cross-entropy comes from the timm integration
     print(
-        f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected and trained in {time.perf_counter() - t1:.0f}s"
+        f"OCD on {ocd.config.layer} {tuple(ocd.layer.weight.shape)}: collected, trained and calibrated "
+        f"(delta_scale {ocd.delta_scale:g}) in {time.perf_counter() - t1:.0f}s"
     )
 
     report = evaluate(ocd, TensorDataset(x_test, y_test), num_samples=5, batch_size=50, seed=args.seed)

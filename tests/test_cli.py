@@ -93,3 +93,23 @@ def test_python_m_ocd_hf_pushes_to_the_hub(setup, tmp_path):
         files = repo.commits[sha]
         assert files["ocd_head.safetensors"] == (head / "ocd_head.safetensors").read_bytes()
         assert 'from_pretrained(model, "user/cli-head")' in files["README.md"].decode()
+
+
+def test_fit_calibrates_and_evaluates_on_disjoint_held_out_rows():
+    from ocd_hf.cli import split
+
+    rows = list(range(20))
+    train, calibration, test = split(rows, 0.2, seed=0)
+    assert len(train) == 16 and len(calibration) == 2 and len(test) == 2
+    assert sorted(train + calibration + test) == rows and not set(calibration) & set(test)
+    assert split(rows, 0.05, seed=0)[2] is None  # one held-out row only calibrates
+    assert split(rows, 0.0, seed=0)[1:] == (None, None)
+
+
+def test_a_folder_that_is_not_a_head_gives_one_error_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["info", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ocd-hf info: error:") and "not a saved OCD head" in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError):
+        main(["--traceback", "info", str(tmp_path)])

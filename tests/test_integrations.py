@@ -423,6 +423,10 @@ def test_accelerate_launch_setfit_example(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "| base |" in out.stdout and "| OCD x5 |" in out.stdout
+    # the example calibrates on a validation split disjoint from the test texts
+    assert "8 validation texts, 8 test texts" in out.stdout and "delta_scale" in out.stdout
+    assert "uncalibrated" not in out.stderr
+    assert "reloaded: identical outputs True" in out.stdout  # the saved SetFit model + head give the same outputs
 
 
 # ---------------------------------------------------------------------------------------------- inputs

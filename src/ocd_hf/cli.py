@@ -86,14 +86,18 @@ def to_rows(ds: Any, model: Any, tokenizer: Any, args: argparse.Namespace) -> An
     return [{**{k: v[i] for k, v in enc.items()}, "label": ds[i][label]} for i in range(len(ds))]
 
 
-def split(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+def split(rows: Any, fraction: float, seed: int) -> tuple[Any, Any, Any]:
+    """(train, calibration, test): `fraction` of the rows is held out, half of it chooses delta_scale and the
+    other half gives the evaluation table, so the table is not measured on the rows the scale was chosen on.
+    Parts left empty are None."""
     import numpy as np
 
     n = len(rows)
     order = np.random.default_rng(seed).permutation(n).tolist()
     k = int(round(n * fraction)) if fraction > 0 else 0
+    kc = (k + 1) // 2
     pick = (lambda idx: rows.select(idx)) if hasattr(rows, "select") else (lambda idx: [rows[i] for i in idx])
-    return pick(order[k:]), (pick(order[:k]) if k else None)
+    return pick(order[k:]), (pick(order[:kc]) if kc else None), (pick(order[kc:k]) if k > kc else None)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -136,7 +140,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     model, tok = load_model(args.model, args.family)
     rows = to_rows(load_table(args.data), model, tok, args)
-    train, val = split(rows, args.eval_fraction, args.seed)
+    train, val, test = split(rows, args.eval_fraction, args.seed)
     head = {"block_out_channels": tuple(args.channels)} if args.channels else {}
     ocd = OCDWrapper.from_pretrained(model, layer=args.layer, tokenizer=tok, **head)
     ocd.fit(
@@ -150,10 +154,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     report = None
-    if val is not None:
+    if test is not None:
         from .evaluation import evaluate
 
-        report = evaluate(ocd, val, num_samples=args.num_samples, seed=args.seed, progress=False)
+        report = evaluate(ocd, test, num_samples=args.num_samples, seed=args.seed, progress=False)
+        print(f"delta_scale chosen on {len(val)} held-out rows; evaluated on {len(test)} other held-out rows:")
         print(report.to_markdown())
     ocd.save_pretrained(args.output, evaluation=report)
     print(f"saved the OCD head for layer {ocd.config.layer} to {args.output}")
@@ -209,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ocd-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="settings, layer, fingerprint, calibration and card metrics of a head")
@@ -233,7 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--loss", default=None, help="cross_entropy or mse (default: the family's)")
     fit.add_argument("--steps", type=int, default=2000, help="head training steps")
     fit.add_argument("--batch-size", type=int, default=32, help="samples overfitted together")
-    fit.add_argument("--eval-fraction", type=float, default=0.2, help="held out to calibrate and evaluate (0: none)")
+    fit.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.2,
+        help="held out: half chooses delta_scale, the other half gives the evaluation table (0: none)",
+    )
     fit.add_argument("--channels", type=int, nargs="+", default=None, help="denoiser block_out_channels")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     data_options(fit)
@@ -262,7 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except (OSError, ValueError, ImportError) as e:  # bad paths, data or settings: their messages name the fix
+        if args.traceback:
+            raise
+        print(f"ocd-hf {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
