@@ -463,3 +463,16 @@ def test_save_requires_a_trained_head(trained):
     fresh = OCDWrapper.from_pretrained(trained.model, layer="fc2")
     with pytest.raises(RuntimeError, match="no trained head"):
         fresh.save_pretrained("unused")
+
+
+def test_model_card_names_a_local_base_model_by_its_folder(trained):
+    o = trained.ocd
+    record = serialization.make_record(o.config, o.shapes, o.provenance, o.state, o.head, o.module)
+    record.provenance = dataclasses.replace(
+        record.provenance, base_model="/home/someone/models/minilm-finetuned", base_model_library="transformers"
+    )
+    card = build_model_card(record, repo_id="user/ocd-local")
+    assert card.data.base_model is None  # a path is not a Hub id
+    assert "# OCD head for `minilm-finetuned (a local folder)`" in card.text
+    assert "# minilm-finetuned (a local folder): the same architecture" in card.text
+    assert "`/home/someone/models/minilm-finetuned`" in card.text  # the full path stays in the settings table

@@ -94,3 +94,14 @@ def test_nan_head_stops(fitted):
         broken.head.scale_net.net[-1].bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite deltas"):
         broken(data.tensors[0][:2])
+
+
+def test_sampling_health_warning_points_at_the_callers_line(fitted):
+    ocd, _, data, _ = fitted
+    saved, ocd.state.target_std = ocd.state.target_std, 1e3  # far from any sampled spread: the warning fires
+    try:
+        with pytest.warns(RuntimeWarning, match="leave the training range") as rec:
+            ocd(data.tensors[0][:2])
+    finally:
+        ocd.state.target_std = saved
+    assert {r.filename for r in rec} == {__file__}  # not torch's decorator or an ocd_hf module

@@ -40,6 +40,8 @@ def build_model_card(record: Any, *, evaluation: Any = None, repo_id: str | None
     hub_id = hub_model_id(p.base_model, p.base_model_library)
     data = ModelCardData(library_name=LIBRARY_NAME, base_model=hub_id, tags=list(CARD_TAGS), metrics=metrics)
     base = p.base_model or "the base model"
+    # a model loaded from a local folder records its path; the card names the folder, not the machine's path
+    short = base if hub_id or "/" not in base and "\\" not in base else f"{_basename(base)} (a local folder)"
     shape = "×".join(str(d) for d in s.weight_shape)
     if f.calibration is not None:
         cal = f.calibration
@@ -69,9 +71,9 @@ def build_model_card(record: Any, *, evaluation: Any = None, repo_id: str | None
     if hub_id:
         load_model = f"model = ...  # {hub_id}, with the weights the head was trained on"
     else:
-        load_model = f"model = ...  # {base}: the same architecture and weights the head was trained on"
+        load_model = f"model = ...  # {short}: the same architecture and weights the head was trained on"
     parts = [
-        f"# OCD head for `{base}`, layer `{c.layer}`",
+        f"# OCD head for `{short}`, layer `{c.layer}`",
         "",
         "An OCD head (*Learning to Overfit with Conditional Diffusion Models*): for each input it generates a "
         f"weight update of layer `{c.layer}` with a conditional diffusion model and runs the base model with "
@@ -108,3 +110,7 @@ def build_model_card(record: Any, *, evaluation: Any = None, repo_id: str | None
         "",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))
+
+
+def _basename(path: str) -> str:
+    return path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]

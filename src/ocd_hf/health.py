@@ -10,6 +10,8 @@ NaN or inf, and refuses a model whose output has another width than the one the 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,12 +52,25 @@ def check_samples(omega: torch.Tensor, target_std: float | None) -> SampleHealth
     if not health.ok:
         warnings.warn(
             f"Sampled deltas have std {health.omega_std:.3g} while the training targets had {target_std:.3g} "
-            f"({health.ratio:.2g}x): the denoiser's samples leave the training range. Check prediction_type "
-            "('sample' is the stable one), train the head longer, or lower guidance_scale.",
+            f"({health.ratio:.2g}x): the denoiser's samples leave the training range. A short or small head is "
+            "the usual cause: train it longer (num_train_steps); otherwise lower guidance_scale, or use "
+            "prediction_type='sample' (the stable one) if the head predicts epsilon.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     return health
+
+
+_LIBRARY_DIRS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def user_stacklevel() -> int:
+    """The `stacklevel` that points a warning at the first caller outside ocd_hf and torch (decorators such
+    as torch.no_grad add frames, so no fixed number is right for every entry point)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 _COND_PARTS = {"layer_input": "target layer's input", "layer_output": "target layer's output", "model_output": "output"}

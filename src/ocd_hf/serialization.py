@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -37,12 +37,16 @@ from safetensors.torch import save as save_bytes
 
 from .config import AUTO, ConfigError, OCDConfig
 from .constants import CONFIG_NAME, HEAD_NAME, MODEL_CARD_NAME, STATE_NAME
-from .head import OCDHead
 from .layers import layer_fingerprint, resolve_layer
 from .manifest import model_fingerprint
-from .sampling import make_sampling_scheduler
 from .state import FittedState, HeadShapes, Provenance, from_dict, to_dict
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .head import OCDHead
+
+# The head and the sampling scheduler (hence diffusers) are imported only where a head is built or
+# saved, so reading a head's records (`ocd-hf info`) stays cheap.
 
 FORMAT_VERSION = 3
 # Keys each format version added (dotted for the state's sections, bare for config keys and the state's
@@ -92,7 +96,7 @@ def diffusers_config(obj: Any) -> dict[str, Any]:
 def with_diffusers_configs(record: HeadRecord, head: OCDHead) -> HeadRecord:
     """The record with the UNet and DDIM configs of `head` filled in (written at save)."""
     record.denoiser_config = diffusers_config(head.denoiser.unet)
-    record.scheduler_config = diffusers_config(make_sampling_scheduler(record.config))
+    record.scheduler_config = diffusers_config(_sampling_scheduler(record.config))
     return record
 
 
@@ -479,6 +483,8 @@ def build_head(record: HeadRecord, state: dict[str, torch.Tensor], where: str) -
     """The head the record describes, with `state` loaded strictly (every tensor present, right shapes)."""
     # Building the head draws random initial weights; keep the caller's RNG stream untouched.
     with torch.random.fork_rng(devices=[]):
+        from .head import OCDHead
+
         head = OCDHead(record.config, record.shapes)
         if record.fitted.distillation is not None:  # a distilled head also stores its one-pass student
             head.add_student(record.fitted.distillation.get("guidance_scale", 1.0))
@@ -505,7 +511,7 @@ def _check_diffusers_configs(record: HeadRecord, head: OCDHead, where: str) -> N
     """Warn when this installation builds the UNet / DDIM scheduler differently from the saving one."""
     pairs = [
         (record.denoiser_config, lambda: diffusers_config(head.denoiser.unet)),
-        (record.scheduler_config, lambda: diffusers_config(make_sampling_scheduler(record.config))),
+        (record.scheduler_config, lambda: diffusers_config(_sampling_scheduler(record.config))),
     ]
     for stored, current in pairs:
         if not stored:
@@ -524,3 +530,9 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-9)
     return a == b
+
+
+def _sampling_scheduler(config: OCDConfig) -> Any:
+    from .sampling import make_sampling_scheduler
+
+    return make_sampling_scheduler(config)
