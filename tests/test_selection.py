@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -453,3 +454,15 @@ def test_wrapper_auto_screens_by_default_and_selection_kwargs_change_it():
         selection_kwargs={"finalists": None, "budget_s": None, "num_perturbations": 64},
     )
     assert full.selection_report.screen == {} and len(full.selection_report.scores) == 4
+
+
+def test_auto_warns_when_it_chooses_a_layer_too_large_for_a_full_head():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 400), nn.ReLU(), nn.Linear(400, 300), nn.ReLU(), nn.Linear(300, 2)).eval()
+    batch = (torch.randn(6, 8), torch.randint(0, 2, (6,)))
+    kw = dict(layer=["2"], selection_data=batch, loss="cross_entropy", selection_kwargs={"num_perturbations": 4})
+    with pytest.warns(UserWarning, match=r"chose '2' \(Linear \(300, 400\), 120,000 weights\).*target='factored'"):
+        OCDWrapper.from_pretrained(model, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a factored head is cheap: no warning
+        OCDWrapper.from_pretrained(model, target="factored", **kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -69,3 +70,21 @@ def resolve_layer(
 def layer_fingerprint(weight: torch.Tensor) -> str:
     """sha256 of the weight's float32 bytes on CPU: ties a head to the exact base weights."""
     return hashlib.sha256(weight.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+# Above this many weights a full-delta head is slow to train on a CPU (docs/integrations.md, "Tried on
+# real models"); layer="auto" does not weigh cost, so its choice is flagged.
+LARGE_LAYER_WEIGHTS = 100_000
+
+
+def warn_if_large(name: str, layer: nn.Module, target: str) -> None:
+    """Warn when layer="auto" chose a layer whose full-delta head will be slow to train."""
+    n = layer.weight.numel()
+    if target == "full" and n > LARGE_LAYER_WEIGHTS:
+        warnings.warn(
+            f"layer='auto' chose {name!r} ({type(layer).__name__} {tuple(layer.weight.shape)}, {n:,} weights): a "
+            "full-delta head on it trains slowly on a CPU (seconds per step). Pass target='factored' (one vector "
+            "per sample), or name a smaller layer (OCDWrapper.candidate_layers(model)).",
+            UserWarning,
+            stacklevel=2,
+        )

@@ -25,7 +25,7 @@ from .calibration import calibrate
 from .collection import DeltaStore, collect_deltas
 from .cross_fit import cross_fit_collect
 from .head import OCDHead
-from .layers import layer_fingerprint
+from .layers import layer_fingerprint, warn_if_large
 from .losses import LossFn, resolve_loss
 from .overfit import OverfitSettings
 from .selection import SelectionReport, select_layer
@@ -149,6 +149,7 @@ class OCDTrainer:
             self.accelerator, lambda: select_layer(ocd.model, data, self.loss_fn, adapter=ocd.adapter, **kwargs)
         )
         ocd.config = ocd.config.replace(layer=report.winner)
+        warn_if_large(report.winner, ocd.layer, ocd.config.target)
         ocd.state.selection = report.summary()
         ocd.selection_report = report
         return report
