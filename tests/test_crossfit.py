@@ -202,3 +202,18 @@ def test_calibration_rule_is_a_validated_training_argument(fitted):
     res = ocd.calibrate(val, batch_size=64, progress=False, calibration_rule="shrinkage", min_gain_se=1.0)
     assert res["rule"] == "shrinkage" and res["min_gain_se"] == 1.0
     assert ocd.state.calibration["rule"] == "shrinkage"
+
+
+def test_calibration_rules_benchmark_quick(capsys):
+    from benchmarks.calibration_rules import RULES, main
+
+    out = main(["--quick", "--seeds", "0"])
+    assert set(out["ocd"]) == set(RULES) and set(out["rival"]) == set(RULES)
+    for method in ("ocd", "rival"):
+        for row in out[method].values():
+            (scale,), (gain,) = row["chosen"], row["gains"]
+            assert scale in out["grid"] and row["regressions"] == int(gain < 0)
+            if scale == 0.0:
+                assert gain == 0.0
+        assert out[method]["se2, grid <= 2"]["chosen"][0] <= 2.0
+    assert "| se2 (default) |" in capsys.readouterr().out
