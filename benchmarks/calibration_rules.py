@@ -35,7 +35,7 @@ from torch.utils.data import TensorDataset
 from ocd_hf import OCDTrainingArguments, OCDWrapper
 from ocd_hf.calibration import DEFAULT_GRID, choose_scale, grid_losses
 from ocd_hf.demo import LeNetDigits, load_digits_split, train_base
-from ocd_hf.evaluation import predicted_label_deltas
+from ocd_hf.evaluation import Row, evaluate, predicted_label_deltas
 from ocd_hf.losses import cross_entropy
 from ocd_hf.trainer import OCDTrainer
 
@@ -49,6 +49,17 @@ RULES: dict[str, tuple[str, float, float]] = {
     "shrink2": ("shrinkage", 2.0, float("inf")),
     "se2, grid <= 2": ("se", 2.0, 2.0),
 }
+
+
+EVAL_ROWS = (
+    Row.BASE,
+    Row.TEMPERATURE,
+    Row.ORACLE,
+    Row.OCD,
+    Row.OCD_UNCALIBRATED,
+    Row.PREDICTED_LABEL,
+    Row.PREDICTED_LABEL_CALIBRATED,
+)
 
 
 def run_seed(seed: int, head_steps: int, quick: bool) -> dict[str, Any]:
@@ -77,12 +88,22 @@ def run_seed(seed: int, head_steps: int, quick: bool) -> dict[str, Any]:
         }
         for method, fn in fns.items():
             result[f"{method}_{name}"] = grid_losses(ocd, split, cross_entropy, DEFAULT_GRID, fn, progress=False)
+    # the evaluation's own rows, with the shipped calibration (the same draws as the grid above)
+    trainer.calibrate(val)
+    t0 = time.perf_counter()
+    report = evaluate(ocd, test, num_samples=1, seed=seed, validation=val, progress=False)
+    result["evaluate_s"] = time.perf_counter() - t0
+    result["rows"] = {k: v["cross_entropy"] for k, v in report.rows.items() if k in EVAL_ROWS}
+    result["accuracy"] = {k: v["accuracy"] for k, v in report.rows.items() if k in EVAL_ROWS}
+    result["extra"] = {k: v for k, v in report.extra.items() if not isinstance(v, dict)}
+    result["cosine"] = report.cosine_to_oracle
     return result
 
 
 def compare(runs: list[dict[str, Any]], method: str) -> dict[str, dict[str, Any]]:
     """For each rule: the test CE gain over base at its validation choice, per seed, and the regressions."""
     table = {}
+    uncalibrated = [float(r[f"{method}_test"][0.0].mean() - r[f"{method}_test"][1.0].mean()) for r in runs]
     for name, (rule, k, top) in RULES.items():
         gains, chosen = [], []
         for r in runs:
@@ -98,6 +119,13 @@ def compare(runs: list[dict[str, Any]], method: str) -> dict[str, dict[str, Any]
             "chosen": chosen,
             "gains": gains,
         }
+    table["uncalibrated (delta_scale 1)"] = {
+        "gain_mean": statistics.mean(uncalibrated),
+        "gain_sd": statistics.stdev(uncalibrated) if len(uncalibrated) > 1 else 0.0,
+        "regressions": sum(g < 0 for g in uncalibrated),
+        "chosen": [1.0] * len(runs),
+        "gains": uncalibrated,
+    }
     return table
 
 
@@ -138,6 +166,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out[method] = compare(runs, method)
         print(f"\n{title}, digits, layer fc2, seeds {a.seeds}, head {steps} steps:\n")
         print(markdown(out[method], base_ce))
+    print(f"\nevaluate() on the test digits (cross-entropy, accuracy; one draw; seeds {a.seeds}):\n")
+    print("| row | " + " | ".join(f"seed {s}" for s in a.seeds) + " |")
+    print("|---|" + "---|" * len(runs))
+    for row in EVAL_ROWS:
+        if all(row in r["rows"] for r in runs):
+            cells = " | ".join(f"{r['rows'][row]:.4f} ({r['accuracy'][row]:.3f})" for r in runs)
+            print(f"| {row} | {cells} |")
+    for key in ("delta_scale", "predicted_label_delta_scale", "predicted_label_ms_per_sample", "ocd_ms_per_sample"):
+        print(f"- {key}: " + ", ".join(f"{r['extra'].get(key, float('nan')):.4g}" for r in runs))
+    for key in runs[0]["cosine"]:
+        print(f"- cosine to the oracle, {key}: " + ", ".join(f"{r['cosine'][key]:.3f}" for r in runs))
+    out["evaluate"] = [{k: r[k] for k in ("rows", "accuracy", "extra", "cosine", "evaluate_s")} for r in runs]
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
