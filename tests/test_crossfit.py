@@ -208,7 +208,9 @@ def test_calibration_rules_benchmark_quick(capsys):
     from benchmarks.calibration_rules import RULES, main
 
     out = main(["--quick", "--seeds", "0"])
-    assert set(out["ocd"]) == set(RULES) and set(out["rival"]) == set(RULES)
+    names = set(RULES) | {"uncalibrated (delta_scale 1)"}
+    assert set(out["ocd"]) == names and set(out["rival"]) == names
+    assert {"base", "predicted-label rival"} <= set(out["evaluate"][0]["rows"])
     for method in ("ocd", "rival"):
         for row in out[method].values():
             (scale,), (gain,) = row["chosen"], row["gains"]

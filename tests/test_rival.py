@@ -110,3 +110,14 @@ def test_without_validation_only_the_uncalibrated_rival_row(fitted):
         warnings.simplefilter("ignore", RuntimeWarning)
         r = evaluate(ocd, test, num_samples=1, progress=False)
     assert Row.PREDICTED_LABEL in r.rows and Row.PREDICTED_LABEL_CALIBRATED not in r.rows
+
+
+def test_few_step_rows(fitted):
+    ocd, _, test = fitted
+    steps = ocd.config.num_inference_steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = evaluate(ocd, test, num_samples=1, inference_steps=(1, steps), progress=False)
+    # the config's own step count with the same seed is the OCD row itself
+    assert r.rows[Row.ddim_steps(steps)]["cross_entropy"] == pytest.approx(r.rows[Row.OCD]["cross_entropy"], rel=1e-6)
+    assert r.rows[Row.ddim_steps(1)] != r.rows[Row.OCD]

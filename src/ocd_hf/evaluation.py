@@ -11,7 +11,8 @@ Rows (each only when what it needs is given; their labels are the constants and 
 - OCD on an alternative layer (`alternative`, e.g. the selection's runner-up);
 - predicted-label rival (classification): the oracle's overfitting steps toward the base model's own
   prediction (argmax), no diffusion model; uncalibrated, and at a delta_scale chosen on `validation` by
-  the rule OCD's calibration uses (`ocd_hf.calibration.choose_scale`). Its cost per sample is in `extra`.
+  the rule OCD's calibration uses (`ocd_hf.calibration.choose_scale`). Its cost per sample is in `extra`;
+- few-step rows (`inference_steps`): one draw with that many DDIM steps, at the head's delta_scale.
 Metrics: cross-entropy, accuracy and ECE (15 bins) for classification; RMSE for regression. Also the
 mean cosine of each generated delta to the oracle's, and the sampled Ω_0's health.
 """
@@ -86,6 +87,15 @@ class Row:
             num_samples: draws averaged.
         """
         return f"OCD mean-weights x{num_samples}"
+
+    @staticmethod
+    def ddim_steps(steps: int) -> str:
+        """One draw sampled with `steps` DDIM steps (the `inference_steps` of `evaluate`).
+
+        Args:
+            steps: DDIM steps.
+        """
+        return f"OCD, {steps} DDIM steps"
 
     @staticmethod
     def alternative(layer: str) -> str:
@@ -312,9 +322,13 @@ def evaluate(
     collection: DeltaStore | None = None,
     alternative: Any = None,
     oracle_all_layers: bool = False,
+    inference_steps: tuple[int, ...] = (),
     progress: bool = True,
 ) -> EvaluationReport:
     """Evaluate `ocd` (a fitted OCDWrapper) on `dataset`; see the module docstring for the rows.
+
+    `inference_steps` adds one row per DDIM step count (e.g. (1, 2) beside the config's 10), each drawn
+    with its own generator seeded with `seed`.
 
     The predicted-label rival is calibrated with the grid, rule and k of `ocd`'s own calibration record
     (`FittedState.calibration`), or with the `OCDTrainingArguments` defaults when the head has none.
@@ -325,6 +339,7 @@ def evaluate(
     adapter = ocd.adapter
     gen = torch.Generator(device=ocd.device).manual_seed(seed)
     alt_gen = torch.Generator(device=ocd.device).manual_seed(seed)
+    step_gens = {n: torch.Generator(device=ocd.device).manual_seed(seed) for n in inference_steps}
     rows: dict[str, _Meter] = {}
 
     def meter(name: str) -> _Meter:
@@ -421,6 +436,20 @@ def evaluate(
         meter(Row.ensemble(num_samples)).add(combine_draws(outs, task), targets)
         meter(Row.mean_weights(num_samples)).add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
         raw = raw_all[0]
+        for n, step_gen in step_gens.items():
+            few = (
+                ocd.require_head()
+                .generate(
+                    cond,
+                    c.replace(num_inference_steps=n, sampler="ddim"),
+                    1,
+                    step_gen,
+                    delta_scale=ocd.delta_scale,
+                    target_std=ocd.state.target_std,
+                )[0][0]
+                .to(raw.dtype)
+            )
+            meter(Row.ddim_steps(n)).add(ocd.forward_with_deltas(inputs, few), targets)
         if ocd.delta_scale != 1.0:
             meter(Row.OCD_UNCALIBRATED).add(ocd.forward_with_deltas(inputs, raw), targets)
         cos.setdefault(Cosine.OCD, []).append(_cosine(raw, oracle))
