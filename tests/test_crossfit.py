@@ -8,8 +8,10 @@ import torch
 from conftest import TINY_HEAD, TINY_TRAIN, SmallCNN
 from torch.utils.data import TensorDataset
 
-from ocd_hf import OCDWrapper
+from ocd_hf import OCDTrainingArguments, OCDWrapper
+from ocd_hf.calibration import choose_scale
 from ocd_hf.collection import DeltaStore
+from ocd_hf.config import ConfigError
 from ocd_hf.health import check_samples
 from ocd_hf.losses import cross_entropy
 from ocd_hf.overfit import overfit_batch
@@ -164,3 +166,56 @@ def test_health_check_warns_and_raises():
     bad[1, 2] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
         check_samples(bad, 1.0)
+
+
+def _per_sample(gains_and_noise, n=400, seed=0):
+    """Per-sample losses whose paired difference to base has the given mean and spread per grid value."""
+    g = torch.Generator().manual_seed(seed)
+    base = 1.0 + torch.rand(n, generator=g, dtype=torch.float64)
+    per = {0.0: base}
+    for scale, (gain, noise) in gains_and_noise.items():
+        z = torch.randn(n, generator=g, dtype=torch.float64)
+        per[scale] = base - gain + noise * (z - z.mean()) / z.std()
+    return per
+
+
+def test_choose_scale_rules_against_hand_computed_standard_errors():
+    # SE of the paired difference is noise / sqrt(400) = noise / 20: value 2.0 gains 0.03 at SE 0.02 (1.5 SE),
+    # value 1.0 gains 0.02 at SE 0.005 (4 SE)
+    per = _per_sample({1.0: (0.02, 0.1), 2.0: (0.03, 0.4)})
+    se2 = choose_scale(per, rule="se", min_gain_se=2.0)
+    assert se2["best"] == 2.0 and se2["gain_se"] == pytest.approx(0.02) and se2["delta_scale"] == 0.0
+    assert choose_scale(per, rule="se", min_gain_se=1.0)["delta_scale"] == 2.0
+    # shrunk gains: 1.0 -> 0.02 - 0.005 = 0.015, 2.0 -> 0.03 - 0.02 = 0.01
+    assert choose_scale(per, rule="shrinkage", min_gain_se=1.0)["delta_scale"] == 1.0
+    assert choose_scale(per, rule="shrinkage", min_gain_se=5.0)["delta_scale"] == 0.0
+    with pytest.raises(ValueError, match="rule 'median' is unknown"):
+        choose_scale(per, rule="median")
+
+
+def test_calibration_rule_is_a_validated_training_argument(fitted):
+    with pytest.raises(ConfigError, match="calibration_rule"):
+        OCDTrainingArguments(calibration_rule="median")
+    assert max(OCDTrainingArguments().calibration_grid) > 2.0
+    ocd, val = fitted
+    ocd = copy.deepcopy(ocd)
+    res = ocd.calibrate(val, batch_size=64, progress=False, calibration_rule="shrinkage", min_gain_se=1.0)
+    assert res["rule"] == "shrinkage" and res["min_gain_se"] == 1.0
+    assert ocd.state.calibration["rule"] == "shrinkage"
+
+
+def test_calibration_rules_benchmark_quick(capsys):
+    from benchmarks.calibration_rules import RULES, main
+
+    out = main(["--quick", "--seeds", "0"])
+    names = set(RULES) | {"uncalibrated (delta_scale 1)"}
+    assert set(out["ocd"]) == names and set(out["rival"]) == names
+    assert {"base", "predicted-label rival"} <= set(out["evaluate"][0]["rows"])
+    for method in ("ocd", "rival"):
+        for row in out[method].values():
+            (scale,), (gain,) = row["chosen"], row["gains"]
+            assert scale in out["grid"] and row["regressions"] == int(gain < 0)
+            if scale == 0.0:
+                assert gain == 0.0
+        assert out[method]["se2, grid <= 2"]["chosen"][0] <= 2.0
+    assert "| se2 (default) |" in capsys.readouterr().out

@@ -117,6 +117,8 @@ def test_evaluate_reports_every_row(tmp_path):
         "no-scale ablation (mean training ρ)",
         "mean-delta control",
         "OCD on fc2",
+        "predicted-label rival",
+        "predicted-label rival, calibrated",
     }
     assert set(r.rows) == expected
     # the constants name exactly these rows (the strings above are what reports and docs show)
@@ -134,10 +136,17 @@ def test_evaluate_reports_every_row(tmp_path):
         Row.NO_SCALE,
         Row.MEAN_DELTA,
         Row.alternative("fc2"),
+        Row.PREDICTED_LABEL,
+        Row.PREDICTED_LABEL_CALIBRATED,
     }
     assert all(set(v) == {"cross_entropy", "accuracy", "ece"} for v in r.rows.values())
-    assert set(r.cosine_to_oracle) == {"OCD (1 draw)", "nearest-neighbour delta", "mean training delta"}
-    assert set(r.cosine_to_oracle) == {Cosine.OCD, Cosine.NEAREST_NEIGHBOUR, Cosine.MEAN_DELTA}
+    assert set(r.cosine_to_oracle) == {
+        "OCD (1 draw)",
+        "nearest-neighbour delta",
+        "mean training delta",
+        "predicted-label rival",
+    }
+    assert set(r.cosine_to_oracle) == {Cosine.OCD, Cosine.NEAREST_NEIGHBOUR, Cosine.MEAN_DELTA, Cosine.PREDICTED_LABEL}
     assert r.health["target_std"] > 0 and r.extra["delta_scale"] == 0.5
     base_ce = cross_entropy(
         model(torch.stack([test[i][0] for i in range(16)])), torch.stack([test[i][1] for i in range(16)])

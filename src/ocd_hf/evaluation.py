@@ -8,7 +8,11 @@ Rows (each only when what it needs is given; their labels are the constants and 
 - nearest-neighbour ablation: the delta of the closest collected sample in i_L space (`collection`);
 - no-scale ablation: the same Ω_0 times the mean training scale instead of ρ̂(x);
 - mean-delta control: the mean training delta for every sample;
-- OCD on an alternative layer (`alternative`, e.g. the selection's runner-up).
+- OCD on an alternative layer (`alternative`, e.g. the selection's runner-up);
+- predicted-label rival (classification): the oracle's overfitting steps toward the base model's own
+  prediction (argmax), no diffusion model; uncalibrated, and at a delta_scale chosen on `validation` by
+  the rule OCD's calibration uses (`ocd_hf.calibration.choose_scale`). Its cost per sample is in `extra`;
+- few-step rows (`inference_steps`): one draw with that many DDIM steps, at the head's delta_scale.
 Metrics: cross-entropy, accuracy and ECE (15 bins) for classification; RMSE for regression. Also the
 mean cosine of each generated delta to the oracle's, and the sampled Ω_0's health.
 """
@@ -16,6 +20,7 @@ mean cosine of each generated delta to the oracle's, and the sampled Ω_0's heal
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,13 +29,22 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .calibration import DEFAULT_GRID, choose_scale, grid_losses
 from .collection import DeltaStore
 from .ensemble import combine_draws
 from .losses import cross_entropy
 from .overfit import overfit_all_layers, overfit_batch
 from .prefix import reuse_prefix
 
-__all__ = ["Cosine", "EvaluationReport", "Row", "compute_metrics", "evaluate", "expected_calibration_error"]
+__all__ = [
+    "Cosine",
+    "EvaluationReport",
+    "Row",
+    "compute_metrics",
+    "evaluate",
+    "expected_calibration_error",
+    "predicted_label_deltas",
+]
 
 
 class Row:
@@ -51,6 +65,10 @@ class Row:
     NEAREST_NEIGHBOUR = "nearest-neighbour delta"
     NO_SCALE = "no-scale ablation (mean training ρ)"
     MEAN_DELTA = "mean-delta control"
+    PREDICTED_LABEL = "predicted-label rival"
+    """The oracle's overfitting toward the base model's argmax instead of the label (classification)."""
+    PREDICTED_LABEL_CALIBRATED = "predicted-label rival, calibrated"
+    """The same deltas at a delta_scale chosen on `validation` by OCD's calibration rule."""
 
     @staticmethod
     def ensemble(num_samples: int) -> str:
@@ -71,6 +89,15 @@ class Row:
         return f"OCD mean-weights x{num_samples}"
 
     @staticmethod
+    def ddim_steps(steps: int) -> str:
+        """One draw sampled with `steps` DDIM steps (the `inference_steps` of `evaluate`).
+
+        Args:
+            steps: DDIM steps.
+        """
+        return f"OCD, {steps} DDIM steps"
+
+    @staticmethod
     def alternative(layer: str) -> str:
         """OCD on another layer (the `alternative` wrapper given to `evaluate`).
 
@@ -86,6 +113,7 @@ class Cosine:
     OCD = "OCD (1 draw)"
     NEAREST_NEIGHBOUR = Row.NEAREST_NEIGHBOUR
     MEAN_DELTA = "mean training delta"
+    PREDICTED_LABEL = Row.PREDICTED_LABEL
 
 
 @dataclass
@@ -243,6 +271,45 @@ class _KNN:
         self.k = min((k for k in grid if k <= len(self.ys)), key=loss)
 
 
+def predicted_label_deltas(ocd: Any, inputs: Any, base_out: torch.Tensor) -> torch.Tensor:
+    """The predicted-label rival's deltas: the oracle's overfitting steps toward `base_out.argmax(-1)`.
+
+    On a sample the base model classifies correctly they are the oracle's deltas; no label is used.
+
+    Args:
+        ocd: An `OCDWrapper` (its layer, loss and `overfit_*` settings are used).
+        inputs: A batch of model inputs.
+        base_out: The base model's logits on `inputs`.
+    """
+    c = ocd.config
+    with torch.enable_grad():
+        return overfit_batch(
+            ocd.module,
+            ocd.layer,
+            inputs,
+            base_out.argmax(-1),
+            ocd.loss_fn,
+            ocd.adapter.forward,
+            c.overfit_steps,
+            c.overfit_lr,
+            c.overfit_optimizer,
+            False,
+            c.target,
+        ).delta
+
+
+def _calibration_rule(ocd: Any) -> tuple[tuple[float, ...], str, float]:
+    """(grid, rule, k) of the head's own calibration record, or the training defaults without one."""
+    rec = ocd.state.calibration or {}
+    grid = tuple(float(g) for g in rec["mean_loss"]) if "mean_loss" in rec else DEFAULT_GRID
+    return grid, rec.get("rule", "se"), float(rec.get("min_gain_se", 2.0))
+
+
+def _sync(device: Any) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def evaluate(
     ocd: Any,
     dataset: Dataset,
@@ -255,15 +322,24 @@ def evaluate(
     collection: DeltaStore | None = None,
     alternative: Any = None,
     oracle_all_layers: bool = False,
+    inference_steps: tuple[int, ...] = (),
     progress: bool = True,
 ) -> EvaluationReport:
-    """Evaluate `ocd` (a fitted OCDWrapper) on `dataset`; see the module docstring for the rows."""
+    """Evaluate `ocd` (a fitted OCDWrapper) on `dataset`; see the module docstring for the rows.
+
+    `inference_steps` adds one row per DDIM step count (e.g. (1, 2) beside the config's 10), each drawn
+    with its own generator seeded with `seed`.
+
+    The predicted-label rival is calibrated with the grid, rule and k of `ocd`'s own calibration record
+    (`FittedState.calibration`), or with the `OCDTrainingArguments` defaults when the head has none.
+    """
     c = ocd.config
     task = c.task or "classification"
     classify = task == "classification"
     adapter = ocd.adapter
     gen = torch.Generator(device=ocd.device).manual_seed(seed)
     alt_gen = torch.Generator(device=ocd.device).manual_seed(seed)
+    step_gens = {n: torch.Generator(device=ocd.device).manual_seed(seed) for n in inference_steps}
     rows: dict[str, _Meter] = {}
 
     def meter(name: str) -> _Meter:
@@ -289,8 +365,27 @@ def evaluate(
         nn_mean, nn_std = nn_keys.mean(0), nn_keys.std(0).clamp_min(1e-6)
         nn_keys = (nn_keys - nn_mean) / nn_std
         mean_scale = float(collection.column("scale").mean())
+    rival_scale = None
+    if validation is not None and classify:
+        grid, rule, k = _calibration_rule(ocd)
+        per = grid_losses(
+            ocd,
+            validation,
+            ocd.loss_fn,
+            grid,
+            lambda inputs, cond, base_out: predicted_label_deltas(ocd, inputs, base_out),
+            batch_size=batch_size,
+            progress=progress,
+            desc="calibrating the predicted-label rival",
+        )
+        record = choose_scale(per, rule=rule, min_gain_se=k)
+        rival_scale = record["delta_scale"]
+        extra["predicted_label_calibration"] = record
+        extra["predicted_label_delta_scale"] = rival_scale
     cos: dict[str, list[torch.Tensor]] = {}
     omega_std = []
+    seconds = {"predicted_label": 0.0, "ocd": 0.0}
+    counted = [0]
 
     def layer_rows(inputs: Any, targets: torch.Tensor) -> None:
         """One batch's rows that change only ocd.layer: base, oracle on the layer, OCD and its ablations."""
@@ -314,15 +409,47 @@ def evaluate(
             c.target,
         ).delta
         meter(Row.ORACLE).add(ocd.forward_with_deltas(inputs, oracle), targets)
+        counted[0] += len(targets)
+        if classify:
+            _sync(ocd.device)
+            t0 = time.perf_counter()
+            rival = predicted_label_deltas(ocd, inputs, base_out)
+            rival_out = ocd.forward_with_deltas(inputs, rival)
+            _sync(ocd.device)
+            seconds["predicted_label"] += time.perf_counter() - t0
+            meter(Row.PREDICTED_LABEL).add(rival_out, targets)
+            cos.setdefault(Cosine.PREDICTED_LABEL, []).append(_cosine(rival, oracle))
+            if rival_scale is not None:
+                calibrated = base_out if rival_scale == 0 else ocd.forward_with_deltas(inputs, rival_scale * rival)
+                meter(Row.PREDICTED_LABEL_CALIBRATED).add(calibrated, targets)
+        _sync(ocd.device)
+        t0 = time.perf_counter()
         # raw deltas, so that the uncalibrated row exists even at delta_scale 0
         raw_all = ocd.generate_deltas(cond, num_samples, gen, delta_scale=1.0)
+        ocd_first = ocd.forward_with_deltas(inputs, raw_all[0] * ocd.delta_scale)
+        _sync(ocd.device)
+        seconds["ocd"] += time.perf_counter() - t0
         deltas = raw_all * ocd.delta_scale
         omega_std.append(ocd.last_health.omega_std)
-        outs = torch.stack([ocd.forward_with_deltas(inputs, d) for d in deltas])
+        outs = torch.stack([ocd_first] + [ocd.forward_with_deltas(inputs, d) for d in deltas[1:]])
         meter(Row.OCD).add(outs[0], targets)
         meter(Row.ensemble(num_samples)).add(combine_draws(outs, task), targets)
         meter(Row.mean_weights(num_samples)).add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
         raw = raw_all[0]
+        for n, step_gen in step_gens.items():
+            few = (
+                ocd.require_head()
+                .generate(
+                    cond,
+                    c.replace(num_inference_steps=n, sampler="ddim"),
+                    1,
+                    step_gen,
+                    delta_scale=ocd.delta_scale,
+                    target_std=ocd.state.target_std,
+                )[0][0]
+                .to(raw.dtype)
+            )
+            meter(Row.ddim_steps(n)).add(ocd.forward_with_deltas(inputs, few), targets)
         if ocd.delta_scale != 1.0:
             meter(Row.OCD_UNCALIBRATED).add(ocd.forward_with_deltas(inputs, raw), targets)
         cos.setdefault(Cosine.OCD, []).append(_cosine(raw, oracle))
@@ -366,6 +493,11 @@ def evaluate(
             meter(Row.alternative(alternative.config.layer)).add(
                 alternative.forward_with_deltas(inputs, alt_delta), targets
             )
+    if classify and counted[0]:
+        # wall time of the rival (overfitting + one forward) and of OCD (num_samples draws + one forward),
+        # both after the shared conditioning pass; per sample of `dataset`
+        extra["predicted_label_ms_per_sample"] = 1000 * seconds["predicted_label"] / counted[0]
+        extra["ocd_ms_per_sample"] = 1000 * seconds["ocd"] / counted[0]
     health = {}
     if ocd.state.target_std:
         health = {"omega_std": sum(omega_std) / len(omega_std), "target_std": float(ocd.state.target_std)}

@@ -270,6 +270,7 @@ class OCDTrainer:
             self.loss_fn,
             grid=a.calibration_grid,
             min_gain_se=a.calibration_min_gain_se,
+            rule=a.calibration_rule,
             batch_size=a.calibration_batch_size,
             seed=a.seed,
             progress=self.progress,

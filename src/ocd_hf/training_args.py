@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from .calibration import DEFAULT_GRID, CalibrationRule
 from .config import ConfigError, check_fields
 from .memory import parse_memory
 
@@ -39,7 +40,9 @@ class OCDTrainingArguments:
         num_folds: Folds of cross-fitted collection (with `OCDTrainer(cross_fit=train_fn)`).
         calibration_grid: `delta_scale` values tried on the evaluation set (0, the base model, is always added).
         calibration_min_gain_se: A value is kept only if it beats the base model by this many standard
-            errors of the paired per-sample loss difference.
+            errors of the paired per-sample loss difference (k of `ocd_hf.calibration.choose_scale`).
+        calibration_rule: "se" (the best value, kept if its gain exceeds k SE) or "shrinkage" (every
+            value's gain shrunk by k of its SE, the largest kept if positive).
         calibration_batch_size: Batch size of calibration.
         checkpoint_every: Steps between training checkpoints (with `output_dir`).
         save_total_limit: Training checkpoints kept (the newest ones); None keeps all. Two leave a
@@ -60,8 +63,9 @@ class OCDTrainingArguments:
     max_memory: int | str | None = None
     resume: bool = True
     num_folds: int = 5
-    calibration_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
+    calibration_grid: tuple[float, ...] = DEFAULT_GRID
     calibration_min_gain_se: float = 2.0
+    calibration_rule: CalibrationRule = "se"
     calibration_batch_size: int = 256
     checkpoint_every: int = 500
     save_total_limit: int | None = 2
