@@ -2,7 +2,9 @@
 
 For each target shape, builds both heads and times one full training step (denoiser + scale net forward,
 backward, AdamW step) on random deltas and conditioning, alternating the two heads step by step so that
-machine load hits both alike. Prints the median ms per step, steps/s and the ratio.
+machine load hits both alike. Prints the median ms per step, steps/s and the ratio, and the median
+generation time per sample (10 DDIM steps, batch of `--batch` conditioning vectors, one draw each),
+timed the same way.
 
 Shapes: the demo's layer (LeNetDigits fc2, weight 84x120), a 16x32 layer and a 4096-wide factored target
 (4096x1). Threads are pinned (--threads, default 1).
@@ -53,7 +55,13 @@ def step_fn(head: OCDHead, shapes: HeadShapes, batch: int):
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    return step
+    def generate() -> float:
+        t0 = time.perf_counter()
+        head.generate(cond, config)
+        return time.perf_counter() - t0
+
+    config = OCDConfig(num_inference_steps=10)
+    return step, generate
 
 
 def main() -> None:
@@ -64,27 +72,37 @@ def main() -> None:
     p.add_argument("--shapes", nargs="*", default=list(SHAPES))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    print("| target | head | channels | parameters | ms / step (median) | steps/s | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| target | head | channels | parameters | train ms / step | steps/s | training speed-up "
+        "| generate ms / sample | generation speed-up |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in a.shapes:
         shapes = SHAPES[name]
         configs = {"fixed (before)": OCDConfig(**FIXED), "auto (now)": OCDConfig()}
         heads = {k: OCDHead(c, shapes) for k, c in configs.items()}
-        steps = {k: step_fn(h, shapes, a.batch) for k, h in heads.items()}
+        fns = {k: step_fn(h, shapes, a.batch) for k, h in heads.items()}
         times: dict[str, list[float]] = {k: [] for k in heads}
+        gen: dict[str, list[float]] = {k: [] for k in heads}
         for k in heads:  # warm-up
-            steps[k]()
+            fns[k][0]()
+            fns[k][1]()
         for _ in range(a.steps):
             for k in heads:
-                times[k].append(steps[k]())
+                times[k].append(fns[k][0]())
+        for _ in range(max(3, a.steps // 4)):
+            for k in heads:
+                gen[k].append(fns[k][1]() / a.batch)
         med = {k: statistics.median(v) for k, v in times.items()}
+        gmed = {k: statistics.median(v) for k, v in gen.items()}
         for k, h in heads.items():
             c = resolve_sizes(configs[k], shapes.target_shape)
             n = sum(p.numel() for p in h.parameters())
             ratio = med["fixed (before)"] / med[k]
+            gratio = gmed["fixed (before)"] / gmed[k]
             print(
                 f"| {name} | {k} | {list(c.block_out_channels)} | {n:,} | {1e3 * med[k]:.1f} | {1 / med[k]:.1f} | "
-                f"{ratio:.2f}x |"
+                f"{ratio:.2f}x | {1e3 * gmed[k]:.2f} | {gratio:.2f}x |"
             )
 
 
