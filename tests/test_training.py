@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from ocd_hf import OCDConfig, OCDTrainingArguments
 from ocd_hf.collection import collect_deltas
+from ocd_hf.config import ConfigError
 from ocd_hf.head import OCDHead
 from ocd_hf.integrations import TorchAdapter
 from ocd_hf.losses import cross_entropy
@@ -224,3 +225,57 @@ def test_zero_delta_rows_are_skipped_and_counted(small_cnn, image_data, tmp_path
         train_head(OCDHead(cfg, shapes), store, cfg, train_args(6))
     drawn = set(torch.cat(seen[-6:]).tolist())
     assert drawn and not drawn & {2, 7, 33}
+
+
+# ---------------------------------------------------------------------------------------------- early stopping
+def test_early_stopping_stops_on_a_plateau_and_records_the_step(small_cnn, image_data, tmp_path):
+    store = make_store(small_cnn, image_data, tmp_path / "c")
+    cfg, shapes = head_config(), shapes_of(store)
+    # a learning rate far below float32 resolution: the weights, hence the held-out loss, never change
+    args = train_args(50, learning_rate=1e-30, eval_every=2, eval_size=4, early_stopping_patience=2)
+    torch.manual_seed(0)
+    hist = train_head(OCDHead(cfg, shapes), store, cfg, args)
+    assert [r["step"] for r in hist] == list(range(1, 7))  # best at step 2, no better at 4 and 6: stop
+    assert hist[-1]["stopped_early"] is True
+    evals = [r["eval_denoiser_loss"] for r in hist if "eval_denoiser_loss" in r]
+    assert len(evals) == 3 and evals[0] == evals[1] == evals[2]
+    assert not any("stopped_early" in r for r in hist[:-1])
+
+
+def test_disabled_early_stopping_changes_nothing(small_cnn, image_data, tmp_path):
+    store = make_store(small_cnn, image_data, tmp_path / "c")
+    cfg, shapes = head_config(), shapes_of(store)
+    heads, hists = [], []
+    for extra in ({}, {"eval_every": 2, "eval_size": 4, "early_stopping_patience": None}):
+        torch.manual_seed(0)
+        heads.append(OCDHead(cfg, shapes))
+        hists.append(train_head(heads[-1], store, cfg, train_args(6, **extra)))
+    assert hists[0] == hists[1] and not any("eval_denoiser_loss" in r for r in hists[0])
+    for (k, a), (_, b) in zip(heads[0].state_dict().items(), heads[1].state_dict().items()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=k)
+
+
+def test_resume_with_early_stopping_is_exact(small_cnn, image_data, tmp_path):
+    store = make_store(small_cnn, image_data, tmp_path / "c")
+    cfg, shapes = head_config(), shapes_of(store)
+    args = train_args(
+        12, output_dir=str(tmp_path / "a"), checkpoint_every=6, eval_every=2, eval_size=4, early_stopping_patience=50
+    )
+    torch.manual_seed(0)
+    straight = OCDHead(cfg, shapes)
+    h1 = train_head(straight, store, cfg, args)
+    done = json.loads((tmp_path / "a" / "checkpoints" / "step-6" / "done").read_text())
+    assert done["early_stopping"]["best"] == min(r["eval_denoiser_loss"] for r in h1[:6] if "eval_denoiser_loss" in r)
+    torch.manual_seed(123)
+    resumed = OCDHead(cfg, shapes)
+    h2 = train_head(resumed, store, cfg, args)
+    assert h2 == h1[6:]
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=k)
+
+
+def test_early_stopping_arguments_are_checked():
+    with pytest.raises(ConfigError, match="early_stopping_patience"):
+        OCDTrainingArguments(early_stopping_patience=0)
+    with pytest.raises(ConfigError, match="eval_every"):
+        OCDTrainingArguments(eval_every=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 import warnings
@@ -61,11 +62,12 @@ class OCDConfig:
         guidance_scale: Sampling mixes uncond + guidance_scale·(cond − uncond); 1 is plain sampling.
         layout: How the weight matrix is laid out for the 1-D U-Net: "rows" (rows are the sequence, columns
             the channels) or "cols" (the transpose).
-        block_out_channels: Channels of the U-Net's down blocks.
+        block_out_channels: Channels of the U-Net's down blocks, or "auto": sized from the generated
+            tensor when the head is built (`resolve_sizes`; docs/concepts.md, "Head size and training budget").
         layers_per_block: Resnet layers per U-Net block.
         norm_num_groups: GroupNorm groups in the U-Net.
-        cond_hidden_dim: Hidden width of the conditioning encoders E_i, E_a, E_o.
-        scale_hidden_dim: Hidden width of the scale net ρ.
+        cond_hidden_dim: Hidden width of the conditioning encoders E_i, E_a, E_o, or "auto" (as above).
+        scale_hidden_dim: Hidden width of the scale net ρ, or "auto" (as above).
     """
 
     layer: str | None = None
@@ -85,28 +87,29 @@ class OCDConfig:
     cond_dropout: float = 0.0
     guidance_scale: float = 1.0
     layout: Layout = "rows"
-    block_out_channels: tuple[int, ...] = (64, 64, 128)
+    block_out_channels: tuple[int, ...] | Literal["auto"] = AUTO
     layers_per_block: int = 1
     norm_num_groups: int = 8
-    cond_hidden_dim: int = 128
-    scale_hidden_dim: int = 128
+    cond_hidden_dim: int | Literal["auto"] = AUTO
+    scale_hidden_dim: int | Literal["auto"] = AUTO
 
     def __post_init__(self) -> None:
         if isinstance(self.block_out_channels, list):
             self.block_out_channels = tuple(self.block_out_channels)
         check_fields(self)
+        channels = (1,) if self.block_out_channels == AUTO else self.block_out_channels
         ranges = {
             "overfit_steps": self.overfit_steps >= 1,
             "overfit_lr": self.overfit_lr > 0,
             "num_train_timesteps": self.num_train_timesteps >= 2,
             "num_inference_steps": 1 <= self.num_inference_steps <= self.num_train_timesteps,
             "cond_dropout": 0.0 <= self.cond_dropout < 1.0,
-            "block_out_channels": len(self.block_out_channels) >= 1 and min(self.block_out_channels) >= 1,
+            "block_out_channels": len(channels) >= 1 and min(channels) >= 1,
             "layers_per_block": self.layers_per_block >= 1,
             "norm_num_groups": self.norm_num_groups >= 1
-            and all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
-            "cond_hidden_dim": self.cond_hidden_dim >= 1,
-            "scale_hidden_dim": self.scale_hidden_dim >= 1,
+            and (self.block_out_channels == AUTO or all(c % self.norm_num_groups == 0 for c in channels)),
+            "cond_hidden_dim": self.cond_hidden_dim == AUTO or self.cond_hidden_dim >= 1,
+            "scale_hidden_dim": self.scale_hidden_dim == AUTO or self.scale_hidden_dim >= 1,
         }
         bad = [k for k, ok in ranges.items() if not ok]
         if bad:
@@ -143,12 +146,42 @@ RANGE_HINTS = {
     "num_train_timesteps": ">= 2",
     "num_inference_steps": "between 1 and num_train_timesteps",
     "cond_dropout": "in [0, 1)",
-    "block_out_channels": "at least one block, each >= 1 channel",
+    "block_out_channels": "'auto', or at least one block, each >= 1 channel",
     "layers_per_block": ">= 1",
     "norm_num_groups": ">= 1 and dividing every entry of block_out_channels",
-    "cond_hidden_dim": ">= 1",
-    "scale_hidden_dim": ">= 1",
+    "cond_hidden_dim": "'auto' or >= 1",
+    "scale_hidden_dim": "'auto' or >= 1",
 }
+
+# Generated tensors up to this many numbers get a U-Net of base width 16, then 32; larger ones get 64,
+# the fixed default before sizing (docs/concepts.md, "Head size and training budget").
+AUTO_WIDTHS = ((2048, 16), (16384, 32))
+AUTO_MAX_WIDTH = 64
+
+
+def auto_width(target_numel: int, norm_num_groups: int = 8) -> int:
+    """Base width w of the auto-sized head for a generated tensor of `target_numel` numbers.
+
+    The U-Net gets channels (w, w, 2w) and the conditioning encoders and scale net hidden width 2w.
+    w is rounded up to a multiple of `norm_num_groups` (GroupNorm needs it).
+    """
+    w = next((width for limit, width in AUTO_WIDTHS if target_numel <= limit), AUTO_MAX_WIDTH)
+    return -(-w // norm_num_groups) * norm_num_groups
+
+
+def resolve_sizes(config: OCDConfig, target_shape: tuple[int, ...]) -> OCDConfig:
+    """`config` with every "auto" network size replaced by its value for a generated tensor of `target_shape`.
+
+    Sizes already given are kept, so a config resolved once (what a saved head stores) resolves to itself.
+    """
+    w = auto_width(math.prod(target_shape), config.norm_num_groups)
+    changes: dict[str, Any] = {}
+    if config.block_out_channels == AUTO:
+        changes["block_out_channels"] = (w, w, 2 * w)
+    for k in ("cond_hidden_dim", "scale_hidden_dim"):
+        if getattr(config, k) == AUTO:
+            changes[k] = 2 * w
+    return config.replace(**changes) if changes else config
 
 
 def check_fields(obj: Any) -> None:

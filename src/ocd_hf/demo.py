@@ -78,6 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layer", default="fc2")
     p.add_argument("--prediction-type", default=None, choices=["epsilon", "sample", "v_prediction"])
     p.add_argument("--save", default=None, help="folder to save the trained head to")
+    p.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=None,
+        help="stop head training after this many held-out evaluations (every 100 steps) without improvement",
+    )
+    p.add_argument(
+        "--channels", type=int, nargs="+", default=None, help="U-Net block_out_channels (default: sized from the layer)"
+    )
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -92,13 +101,26 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     config = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+    if args.channels:
+        # the conditioning encoders and scale net follow the U-Net's width, as the auto sizes do
+        w = 2 * args.channels[0]
+        config.update(block_out_channels=tuple(args.channels), cond_hidden_dim=w, scale_hidden_dim=w)
     ocd = OCDWrapper.from_pretrained(model, layer=args.layer, **config)
-    trainer = OCDTrainer(ocd, OCDTrainingArguments(num_train_steps=args.steps, seed=args.seed), loss="cross_entropy")
+    training = OCDTrainingArguments(
+        num_train_steps=args.steps, seed=args.seed, early_stopping_patience=args.early_stopping_patience
+    )
+    trainer = OCDTrainer(ocd, training, loss="cross_entropy")
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory() as deltas:
         # trainer.train(train, eval_dataset=val) in three steps, to keep the collection for the nearest-neighbour row
         store = trainer.collect(train, deltas)
-        trainer.train_head(store)
+        t2 = time.perf_counter()
+        history = trainer.train_head(store)
+        stopped = " (stopped early)" if history[-1].get("stopped_early") else ""
+        print(
+            f"head {list(ocd.config.block_out_channels)}: {len(history)} steps{stopped} in "
+            f"{time.perf_counter() - t2:.1f}s"
+        )
         calibration = trainer.calibrate(val)
         print(
             f"collected deltas, trained the head and calibrated in {time.perf_counter() - t1:.1f}s; "

@@ -24,7 +24,7 @@ from diffusers import UNet1DModel
 from torch import nn
 
 from .capture import Conditioning
-from .config import OCDConfig
+from .config import OCDConfig, resolve_sizes
 from .state import HeadShapes
 
 
@@ -63,6 +63,7 @@ class ConditionalUNet1D(nn.Module):
 
     def __init__(self, config: OCDConfig, shapes: HeadShapes):
         super().__init__()
+        config = resolve_sizes(config, tuple(shapes.target_shape))
         # the generated tensor: the weight's shape, or (out, 1) for target="factored"
         self.weight_shape = tuple(shapes.target_shape)
         rows, cols = matrix_shape(self.weight_shape)

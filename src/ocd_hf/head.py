@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .capture import Conditioning
-from .config import OCDConfig
+from .config import OCDConfig, resolve_sizes
 from .denoiser import ConditionalUNet1D, drop_condition
 from .health import SampleHealth, check_samples
 from .sampling import make_sampling_scheduler, sample_omega
@@ -27,12 +27,13 @@ class OCDHead(nn.Module):
     """Denoiser, scale net and the conditioning's normalisation statistics of one head.
 
     Args:
-        config: The head's settings (network sizes, layout).
+        config: The head's settings (network sizes, layout); "auto" sizes are resolved from `shapes`.
         shapes: The target layer's and the conditioning's shapes.
     """
 
     def __init__(self, config: OCDConfig, shapes: HeadShapes):
         super().__init__()
+        config = resolve_sizes(config, tuple(shapes.target_shape))
         self.denoiser = ConditionalUNet1D(config, shapes)
         self.scale_net = ScaleNet(config, shapes)
         dims = {

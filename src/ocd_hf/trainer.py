@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from .calibration import calibrate
 from .collection import DeltaStore, collect_deltas
+from .config import resolve_sizes
 from .cross_fit import cross_fit_collect
 from .head import OCDHead
 from .layers import layer_fingerprint, warn_if_large
@@ -244,6 +245,8 @@ class OCDTrainer:
             output_dim=sample["model_output"].numel(),
         )
         info = ocd.adapter.describe()
+        # "auto" network sizes become explicit, so the saved config rebuilds this exact head
+        ocd.config = resolve_sizes(ocd.config, shapes.target_shape)
         torch.manual_seed(self.args.seed)
         head = OCDHead(ocd.config, shapes)
         self.history = train_head(head, store, ocd.config, self.args, accelerator=self.accelerator)

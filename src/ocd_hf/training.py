@@ -141,6 +141,10 @@ def train_head(
     With `config.cond_dropout` > 0 each sample's denoiser sees the null condition with that probability
     (classifier-free guidance; the scale net always sees I(x)).
 
+    With `args.early_stopping_patience` set, `args.eval_size` rows of the store are held out of training;
+    every `args.eval_every` steps the EMA head's denoising loss on them (fixed noise and timesteps) is
+    measured, and training stops once it has not improved for `early_stopping_patience` evaluations.
+
     Args:
         head: A freshly built head; its normalisation statistics are set from `store` first.
         store: The collected deltas and conditioning.
@@ -150,7 +154,8 @@ def train_head(
         accelerator: Runs the loop (one or several processes); a default one when None.
 
     Returns:
-        One record per step: step, denoiser_loss, scale_loss_db.
+        One record per step: step, denoiser_loss, scale_loss_db; with early stopping, evaluation steps also
+        hold eval_denoiser_loss, and the last record holds stopped_early=True when training stopped early.
     """
     output_dir, resume, checkpoint_every, progress = args.output_dir, args.resume, args.checkpoint_every, args.progress
     accelerator = accelerator or Accelerator()
@@ -166,8 +171,16 @@ def train_head(
     # restores registered objects with torch.load(weights_only=False), which runs any code in the file.
     ema.to(accelerator.device)
 
-    start = _resume(accelerator, ema, output_dir) if resume else 0
+    done = _resume(accelerator, ema, output_dir) if resume else {}
+    start = done.get("step", 0)
     rows = usable_rows(store)  # None: every row
+    stopper = None
+    if args.early_stopping_patience is not None:
+        rows, held = holdout_rows(len(store) if rows is None else rows, args.eval_size, args.seed)
+        stopper = EarlyStopping(
+            args.early_stopping_patience, held_out_batches(store, held, config, args.seed, args.train_batch_size)
+        )
+        stopper.load_state(done.get("early_stopping"))
     n = len(store) if rows is None else len(rows)
     bs = min(args.train_batch_size, n)
     target_shape = head.denoiser.weight_shape
@@ -209,16 +222,107 @@ def train_head(
         history.append(rec)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{rec['denoiser_loss']:.4f}", scale_db=f"{rec['scale_loss_db']:.1f}")
-        if output_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total:
-            _save_checkpoint(accelerator, Path(output_dir), step + 1, ema, args.save_total_limit)
+        stop = False
+        if stopper is not None and (step + 1) % args.eval_every == 0:
+            rec["eval_denoiser_loss"] = stopper.evaluate(unwrapped, ema, scheduler, accelerator.device)
+            stop = stopper.should_stop()
+            if stop:
+                rec["stopped_early"] = True
+        if (
+            output_dir is not None
+            and checkpoint_every
+            and (step + 1) % checkpoint_every == 0
+            and step + 1 < total
+            and not stop
+        ):
+            extra = {"early_stopping": stopper.state()} if stopper is not None else None
+            _save_checkpoint(accelerator, Path(output_dir), step + 1, ema, args.save_total_limit, extra)
+        if stop:
+            break
     accelerator.wait_for_everyone()
     ema.copy_to(unwrapped.parameters())
     unwrapped.eval()
     return history
 
 
-def _resume(accelerator: Accelerator, ema: EMAModel, output_dir: str | None) -> int:
-    """Load the newest complete checkpoint; returns its step (0 when there is none).
+def holdout_rows(rows: int | torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, held-out rows): `size` of `rows` (a count means range(rows)), at most a tenth of
+    them and at least one, drawn with `seed`."""
+    rows = torch.arange(rows) if isinstance(rows, int) else rows
+    if len(rows) < 2:
+        raise ValueError("Early stopping needs at least 2 usable collected samples (one is held out).")
+    k = max(1, min(size, len(rows) // 10))
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 1_000_003 + 7))
+    return rows[perm[k:]].sort().values, rows[perm[:k]].sort().values
+
+
+def held_out_batches(
+    store: DeltaStore, rows: torch.Tensor, config: OCDConfig, seed: int, batch_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """The held-out rows in batches, each with its fixed noise and timesteps (drawn once, with `seed`)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 11)
+    out = []
+    for chunk in rows.split(batch_size):
+        batch = store.get_batch(chunk)
+        clean = omega_batch(batch).reshape(len(chunk), *store.target_shape)
+        batch["clean"] = clean
+        batch["noise"] = torch.randn(clean.shape, generator=g)
+        batch["t"] = torch.randint(0, config.num_train_timesteps, (len(chunk),), generator=g)
+        out.append(batch)
+    return out
+
+
+class EarlyStopping:
+    """The held-out denoising loss of the EMA head, and whether it stopped improving.
+
+    Args:
+        patience: Evaluations without a new best loss after which training stops.
+        batches: Held-out batches with fixed noise and timesteps (`held_out_batches`).
+    """
+
+    def __init__(self, patience: int, batches: list[dict[str, torch.Tensor]]):
+        self.patience, self.batches = patience, batches
+        self.best, self.bad = float("inf"), 0
+
+    @torch.no_grad()
+    def evaluate(self, head: OCDHead, ema: EMAModel, scheduler, device: torch.device) -> float:
+        """Mean denoising loss of the EMA weights on the held-out rows; the head's weights are left as they were."""
+        params = list(head.parameters())
+        ema.store(params)
+        ema.copy_to(params)
+        head.eval()
+        total, count = 0.0, 0
+        try:
+            for b in self.batches:
+                clean, noise, t = (b[k].to(device) for k in ("clean", "noise", "t"))
+                cond = Conditioning(*(b[k].to(device) for k in ("layer_input", "layer_output", "model_output")))
+                pred, _ = head(scheduler.add_noise(clean, noise, t), t, cond)
+                target = training_target(scheduler, clean, noise, t)
+                total += F.mse_loss(pred, target, reduction="sum").item() / target[0].numel()
+                count += len(t)
+        finally:
+            ema.restore(params)
+            head.train()
+        loss = total / count
+        if loss < self.best:
+            self.best, self.bad = loss, 0
+        else:
+            self.bad += 1
+        return loss
+
+    def should_stop(self) -> bool:
+        return self.bad >= self.patience
+
+    def state(self) -> dict[str, float]:
+        return {"best": self.best, "bad": self.bad}
+
+    def load_state(self, state: dict[str, float] | None) -> None:
+        if state:
+            self.best, self.bad = float(state["best"]), int(state["bad"])
+
+
+def _resume(accelerator: Accelerator, ema: EMAModel, output_dir: str | None) -> dict:
+    """Load the newest complete checkpoint; returns its done marker ({} when there is none).
 
     accelerate reads the optimizer, scheduler and RNG files with torch.load(weights_only=True), which
     refuses anything but tensors and plain containers; the EMA comes from safetensors. Files are checked
@@ -227,7 +331,7 @@ def _resume(accelerator: Accelerator, ema: EMAModel, output_dir: str | None) -> 
     """
     path = latest_checkpoint(output_dir)
     if path is None:
-        return 0
+        return {}
     listed = json.loads((path / DONE_NAME).read_text(encoding="utf-8"))["files"]
     try:
         # accelerate reads whatever its file names match in the folder; show it only the files that were saved.
@@ -243,7 +347,7 @@ def _resume(accelerator: Accelerator, ema: EMAModel, output_dir: str | None) -> 
             "Its done marker was rewritten after the files changed; delete that folder to resume from an older "
             "checkpoint, or pass resume=False."
         ) from None
-    return json.loads((path / DONE_NAME).read_text(encoding="utf-8"))["step"]
+    return json.loads((path / DONE_NAME).read_text(encoding="utf-8"))
 
 
 def _load_ema(ema: EMAModel, path: Path, device: torch.device) -> None:
@@ -256,9 +360,15 @@ def _load_ema(ema: EMAModel, path: Path, device: torch.device) -> None:
 
 
 def _save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, step: int, ema: EMAModel, keep: int | None = None
+    accelerator: Accelerator,
+    output_dir: Path,
+    step: int,
+    ema: EMAModel,
+    keep: int | None = None,
+    extra: dict | None = None,
 ) -> None:
-    """Save the training state at `step` into `output_dir/checkpoints/step-N`, keeping the newest `keep`."""
+    """Save the training state at `step` into `output_dir/checkpoints/step-N`, keeping the newest `keep`;
+    `extra` (plain JSON) is stored in the done marker."""
     path = output_dir / "checkpoints" / f"step-{step}"
     if accelerator.is_main_process and path.exists():
         shutil.rmtree(path)  # a folder left by a killed save of the same step
@@ -273,7 +383,7 @@ def _save_checkpoint(
             fsync_path(f)
         # "done" marks a finished checkpoint: written last, atomically and synced, so after a kill it is
         # either absent or complete, and it lists the files' hashes so a truncated checkpoint is skipped.
-        _atomic_write(path / DONE_NAME, json.dumps({"step": step, "files": files}))
+        _atomic_write(path / DONE_NAME, json.dumps({"step": step, "files": files, **(extra or {})}))
         if keep:
             for _, old in [c for c in _checkpoints(output_dir) if c[0] < step][max(keep - 1, 0) :]:
                 shutil.rmtree(old, ignore_errors=True)

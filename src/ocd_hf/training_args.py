@@ -48,6 +48,11 @@ class OCDTrainingArguments:
         save_total_limit: Training checkpoints kept (the newest ones); None keeps all. Two leave a
             complete fallback when the newest is damaged.
         progress: Show tqdm progress bars (main process only).
+        early_stopping_patience: Stop head training once the held-out denoising loss has not improved for
+            this many evaluations; None trains all `num_train_steps` (nothing is held out).
+        eval_every: Steps between held-out evaluations (with `early_stopping_patience`).
+        eval_size: Collected samples held out of head training for those evaluations (at most a tenth
+            of the collection).
     """
 
     num_train_steps: int = 2000
@@ -70,6 +75,9 @@ class OCDTrainingArguments:
     checkpoint_every: int = 500
     save_total_limit: int | None = 2
     progress: bool = True
+    early_stopping_patience: int | None = None
+    eval_every: int = 100
+    eval_size: int = 128
 
     def __post_init__(self) -> None:
         for k in ("collect_dir", "output_dir"):
@@ -77,12 +85,22 @@ class OCDTrainingArguments:
                 setattr(self, k, os.fspath(getattr(self, k)))
         self.calibration_grid = tuple(float(g) for g in self.calibration_grid)
         check_fields(self)
-        positive = ("num_train_steps", "learning_rate", "train_batch_size", "collect_batch_size", "shard_size")
+        positive = (
+            "num_train_steps",
+            "learning_rate",
+            "train_batch_size",
+            "collect_batch_size",
+            "shard_size",
+            "eval_every",
+            "eval_size",
+        )
         bad = [k for k in positive if not getattr(self, k) > 0]
         if not 0 <= self.ema_decay < 1:
             bad.append("ema_decay")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             bad.append("save_total_limit")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            bad.append("early_stopping_patience")
         if self.num_folds < 2:
             bad.append("num_folds")
         if any(g < 0 for g in self.calibration_grid):
@@ -95,7 +113,8 @@ class OCDTrainingArguments:
         if bad:
             raise ConfigError(
                 f"OCDTrainingArguments.{bad[0]}={getattr(self, bad[0])!r} is out of range "
-                "(sizes, steps and rates > 0; ema_decay in [0, 1); num_folds >= 2; save_total_limit >= 1 or None; grid values >= 0)."
+                "(sizes, steps and rates > 0; ema_decay in [0, 1); num_folds >= 2; save_total_limit and "
+                "early_stopping_patience >= 1 or None; grid values >= 0)."
             )
 
     def replace(self, **changes: Any) -> OCDTrainingArguments:
