@@ -359,11 +359,15 @@ _LEGACY_PROVENANCE = ("base_model", "base_model_revision", "base_model_library",
 _LEGACY_DROPPED = ("learning_rate", "train_batch_size", "num_train_steps", "ema_decay", "max_grad_norm", "seed")
 
 
+_LEGACY_SIZES = {"block_out_channels": [64, 64, 128], "cond_hidden_dim": 128, "scale_hidden_dim": 128}
+
+
 def _legacy_record(raw: dict[str, Any], src: str) -> HeadRecord:
     missing = [k for k in ("layer", "weight_shape", "input_dim", "activation_dim", "output_dim") if raw.get(k) is None]
     if missing:
         raise ConfigError(f"{src} lacks {missing}: it was not written by a fitted OCDWrapper.")
-    raw = dict(raw)
+    # 0.1 built every head with these sizes; "auto" (today's default) would build another network
+    raw = {**_LEGACY_SIZES, **raw}
     shapes = {k: raw.pop(k) for k in _LEGACY_SHAPES if k in raw}
     if shapes.get("target_shape") is None:
         shapes["target_shape"] = shapes["weight_shape"]
