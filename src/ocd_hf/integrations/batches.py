@@ -17,6 +17,22 @@ def label_key(batch: Mapping) -> str | None:
     return next((k for k in LABEL_KEYS if k in batch), None)
 
 
+def split_dict_batch(batch: Mapping, missing: str, tensors_only: bool = False) -> tuple[dict, torch.Tensor]:
+    """A dict batch -> (inputs without the label entries, labels as a tensor).
+
+    Args:
+        batch: The collated dict.
+        missing: The error message's start when no label entry is present (the keys are appended).
+        tensors_only: Keep only tensor inputs (e.g. drop raw text columns a tokenizer already consumed).
+    """
+    key = label_key(batch)
+    if key is None:
+        raise ValueError(f"{missing}; got keys {sorted(batch)}.")
+    inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS and (not tensors_only or torch.is_tensor(v))}
+    labels = batch[key]
+    return inputs, labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor inside dicts / lists / tuples to `device`."""
     if isinstance(batch, torch.Tensor):

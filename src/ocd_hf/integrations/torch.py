@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .base import ModelAdapter
-from .batches import LABEL_KEYS, label_key
+from .batches import LABEL_KEYS, split_dict_batch
 
 
 class TorchAdapter(ModelAdapter):
@@ -24,14 +24,7 @@ class TorchAdapter(ModelAdapter):
 
     def split_batch(self, batch: Any) -> tuple[Any, torch.Tensor]:
         if isinstance(batch, Mapping):
-            key = label_key(batch)
-            if key is None:
-                raise ValueError(
-                    f"A dict batch needs a label entry (one of {list(LABEL_KEYS)}); got keys {sorted(batch)}."
-                )
-            labels = batch[key]
-            inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
-            return inputs, labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
+            return split_dict_batch(batch, f"A dict batch needs a label entry (one of {list(LABEL_KEYS)})")
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
             return batch[0], batch[1]
         raise ValueError("Batches must be (inputs, targets) pairs or dicts with a 'labels' entry.")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from .batches import LABEL_KEYS, label_key, module_device
+from .batches import LABEL_KEYS, label_key, module_device, split_dict_batch
 from .torch import TorchAdapter
 
 # Columns that hold raw text, tokenized with the adapter's tokenizer when a batch has no input_ids.
@@ -49,14 +49,8 @@ class TransformersAdapter(TorchAdapter):
     # ------------------------------------------------------------------ batches
     def split_batch(self, batch: Any) -> tuple[Any, torch.Tensor]:
         if isinstance(batch, Mapping):
-            key = label_key(batch)
-            if key is None:
-                raise ValueError(
-                    f"A batch for a transformers model needs a 'labels' (or 'label') entry; got keys {sorted(batch)}."
-                )
-            inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS and isinstance(v, torch.Tensor)}
-            labels = batch[key]
-            return inputs, labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
+            missing = "A batch for a transformers model needs a 'labels' (or 'label') entry"
+            return split_dict_batch(batch, missing, tensors_only=True)
         return super().split_batch(batch)
 
     def collate_fn(self):
