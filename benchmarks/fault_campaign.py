@@ -2,7 +2,7 @@
 every saved key; malicious pickles in a checkpoint; concurrent collectors. Prints trials / held / failed
 per kind and writes them as JSON.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/fault_campaign.py --out /tmp/faults.json [--quick]
+    OMP_NUM_THREADS=1 python -m benchmarks.fault_campaign --out /tmp/faults.json [--quick]
 
 "held" means the promise of docs/sharing.md ("What is checked at load, what survives a kill") was kept:
 a killed run resumed to a result bitwise identical to an uninterrupted one, a damaged head was refused
@@ -59,6 +59,7 @@ def run_collect(out: str, shard_size: int = 4, lr: float = 5e-4, slow: float = 0
     from ocd_hf.collection import collect_deltas
     from ocd_hf.integrations import TorchAdapter
     from ocd_hf.losses import cross_entropy
+    from ocd_hf.overfit import OverfitSettings
 
     model, data = setup()
     a = TorchAdapter(model)
@@ -73,11 +74,11 @@ def run_collect(out: str, shard_size: int = 4, lr: float = 5e-4, slow: float = 0
         data,
         cross_entropy,
         out,
+        OverfitSettings(lr=lr),
         split_batch=a.split_batch,
         forward_fn=forward,
         batch_size=4,
         shard_size=shard_size,
-        lr=lr,
         progress=False,
     )
 
@@ -310,15 +311,21 @@ def campaign(work: Path, n_kill: int, n_flip: int, rng: random.Random, only: str
         ocd.save_pretrained(target)
         x = load_file(str(LEGACY / "expected.safetensors"))
         ref_out = ocd(x["inputs"], generator=torch.Generator().manual_seed(0))
+
+    def reload_and_resave() -> tuple[bool, list[str]]:
+        """After a killed save: whether the head at `target` loads with the reference outputs and saves
+        again, and which side folders are left beside it."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = load_head(target)
+            same = torch.equal(loaded(x["inputs"], generator=torch.Generator().manual_seed(0)), ref_out)
+            loaded.save_pretrained(target)
+        return same, debris(target.parent, "head")
+
     for i in range(n_kill):
         killed = kill_after(spawn("save", target=str(target)), rng.uniform(0.5, 2.5))
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                loaded = load_head(target)
-                same = torch.equal(loaded(x["inputs"], generator=torch.Generator().manual_seed(0)), ref_out)
-                loaded.save_pretrained(target)
-            left = debris(target.parent, "head")
+            same, left = reload_and_resave()
             record("kill during save", same and not left, f"trial {i}: same={same} debris={left}", killed)
         except Exception as e:
             record("kill during save", False, f"trial {i}: {type(e).__name__}: {e}")
@@ -329,12 +336,7 @@ def campaign(work: Path, n_kill: int, n_flip: int, rng: random.Random, only: str
             proc = spawn("save_injected", target=str(target), point=point)
             proc.wait()
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    loaded = load_head(target)
-                    same = torch.equal(loaded(x["inputs"], generator=torch.Generator().manual_seed(0)), ref_out)
-                    loaded.save_pretrained(target)
-                left = debris(target.parent, "head")
+                same, left = reload_and_resave()
                 note = f"{point}: same={same} debris={left}"
                 record("kill injected in a save", same and not left, note, proc.returncode == -signal.SIGKILL)
             except Exception as e:

@@ -176,3 +176,21 @@ def test_tables_reproduce_the_committed_results():
     summary, md = aggregate(runs)
     assert md == (results / "paper_tables.md").read_text()
     assert set(summary) == {r["task"] for r in runs}
+
+
+@pytest.mark.slow  # about 2 minutes: kills, flips, edits and concurrent collectors at toy sizes
+def test_fault_campaign_quick(tmp_path):
+    out = tmp_path / "faults.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fault_campaign", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["total"]["trials"] > 50 and result["total"]["failed"] == 0, result["total"]
+    assert all(r["trials"] > 0 for r in result["kinds"].values())
