@@ -9,7 +9,7 @@ timed the same way.
 Shapes: the demo's layer (LeNetDigits fc2, weight 84x120), a 16x32 layer and a 4096-wide factored target
 (4096x1). Threads are pinned (--threads, default 1).
 
-Run: python benchmarks/head_size.py [--steps 20] [--batch 64]
+Run: python -m benchmarks.head_size [--steps 20] [--batch 64]
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ step vs nothing (its Python overhead), S draws in one batch vs one call per draw
 With --cache-dir, base model, collection and heads are kept there and reused by a rerun with the same
 arguments. Threads are pinned (--threads, default 1).
 
-Run: python benchmarks/sampling_steps.py [--seeds 0 1 2] [--head-steps 1000] [--distill-steps 400]
-     python benchmarks/sampling_steps.py --quick   (tiny head, a few seconds: a smoke test)
+Run: python -m benchmarks.sampling_steps [--seeds 0 1 2] [--head-steps 1000] [--distill-steps 400]
+     python -m benchmarks.sampling_steps --quick   (tiny head, a few seconds: a smoke test)
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(args: Any, per_seed: list[dict], records: list[dict], eng: list, latencies: dict) -> str:
     seeds = " ".join(str(s) for s in args.seeds)
-    cmd = f"python benchmarks/sampling_steps.py --seeds {seeds} --head-steps {args.head_steps}"
+    cmd = f"python -m benchmarks.sampling_steps --seeds {seeds} --head-steps {args.head_steps}"
     lines = [
         f"`{cmd}{' --quick' if args.quick else ''}` (threads {args.threads}; {len(per_seed)} seed(s), mean ± SD)",
         "",

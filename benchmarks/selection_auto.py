@@ -6,7 +6,7 @@ is missing), runs `OCDWrapper.from_pretrained(model, layer="auto", selection_dat
 plan, the winner and the wall time. With --full it also scores every candidate by the full criterion
 (slow: minutes) and prints where the screened winner ranks.
 
-Run: OMP_NUM_THREADS=2 python benchmarks/selection_auto.py [--samples 32] [--threads 2] [--full 200]
+Run: OMP_NUM_THREADS=2 python -m benchmarks.selection_auto [--samples 32] [--threads 2] [--full 200]
 """
 
 from __future__ import annotations

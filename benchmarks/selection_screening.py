@@ -4,7 +4,7 @@ For 3 seeds each: the digits LeNet (`ocd_hf.demo`, 30 epochs) and a 3-layer MLP 
 (200 full-batch Adam steps), 32 selection samples. Prints each layer's full score (K perturbations) and
 screening score, both winners and the Spearman correlation of the two rankings.
 
-Run: python benchmarks/selection_screening.py [--perturbations 1000]
+Run: python -m benchmarks.selection_screening [--perturbations 1000]
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ def test_condition_cache_is_exact(guidance):
 
 
 def test_sampling_steps_benchmark_quick():
-    """`benchmarks/sampling_steps.py --quick` runs and prints every sampler row and every engineering change."""
+    """`python -m benchmarks.sampling_steps --quick` runs and prints every sampler row and every engineering change."""
     import os
     import subprocess
     import sys
@@ -206,7 +206,7 @@ def test_sampling_steps_benchmark_quick():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "sampling_steps.py"), "--quick"],
+        [sys.executable, "-m", "benchmarks.sampling_steps", "--quick"],
         cwd=root,
         env=env,
         capture_output=True,
