@@ -209,19 +209,22 @@ def test_fit_passes_max_memory_and_overfit_settings(small_cnn, image_data):
         ocd.fit(image_data, loss="cross_entropy", num_train_steps=1, max_memory=1000, **TINY_TRAIN)
 
 
-def test_reused_buffers_give_identical_deltas(small_cnn):
+@pytest.mark.parametrize("closed_form", [False, True])
+def test_reused_buffers_give_identical_deltas(small_cnn, closed_form):
     from ocd_hf.buffers import reuse_buffers
 
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(20, 1, 8, 8, generator=g), torch.randint(0, 5, (20,), generator=g)
-    plain = [
-        overfit_batch(small_cnn, small_cnn.fc1, x[a:b], y[a:b], cross_entropy) for a, b in ((0, 8), (8, 16), (16, 20))
-    ]
+    chunks = ((0, 8), (8, 16), (16, 20))
+    kw = dict(closed_form=closed_form)
+    plain = [overfit_batch(small_cnn, small_cnn.fc1, x[a:b], y[a:b], cross_entropy, **kw) for a, b in chunks]
     with reuse_buffers() as pool:
-        for (a, b), ref in zip(((0, 8), (8, 16), (16, 20)), plain):
-            r = overfit_batch(small_cnn, small_cnn.fc1, x[a:b], y[a:b], cross_entropy)
+        for (a, b), ref in zip(chunks, plain):
+            r = overfit_batch(small_cnn, small_cnn.fc1, x[a:b], y[a:b], cross_entropy, **kw)
             assert torch.equal(r.delta, ref.delta) and torch.equal(r.scale, ref.scale)
-            if b == 8:
+            if closed_form:  # no gradient of the weight's shape is ever formed
+                assert "grad" not in pool.spare and "delta" in pool.buffers
+            elif b == 8:
                 grad_buffer = pool.spare["grad"].data_ptr()
             elif b == 16:  # same chunk shape: autograd wrote the gradient into the pooled buffer again
                 assert pool.spare["grad"].data_ptr() == grad_buffer

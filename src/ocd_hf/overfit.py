@@ -18,6 +18,7 @@ from torch import nn
 
 from .buffers import BufferPool, current_pool
 from .capture import capture_layer, pool
+from .closed_form import ADAM_BETAS, closed_form_full
 from .layers import is_hf_conv1d
 from .losses import LossFn
 from .memory import LayerProbe, overfit_method
@@ -73,10 +74,6 @@ class OverfitSettings:
         )
 
 
-# torch.optim.Adam's defaults, named because the rank-one path repeats Adam's update rule
-ADAM_BETAS = (0.9, 0.999)
-
-
 def make_optimizer(params: list[torch.Tensor], name: str, lr: float, fused: bool = False) -> torch.optim.Optimizer:
     if name == "adam":
         # the fused kernel makes one pass over memory per step instead of several, with the same update
@@ -129,6 +126,8 @@ def overfit_batch(
     target: str = "full",
     reuse: bool = True,
     method: str | None = None,
+    probe: LayerProbe | None = None,
+    closed_form: bool = True,
 ) -> OverfitResult:
     """Overfit `layer` on every sample of the batch separately; the model is in eval mode meanwhile.
 
@@ -145,6 +144,13 @@ def overfit_batch(
     - "full": the full Δ is optimised (Adam on token inputs) and projected, u = Δ v̂.
 
     The kept energy ‖u‖²/‖Δ‖² is reported (exactly 1 for SGD on 2-D inputs, NaN where not measured).
+
+    method="full" on a Linear / transformers Conv1D layer that sees one input vector a per sample
+    ([B, in], one call per forward; `probe` tells, else a one-sample probe is run) takes the closed form
+    (`closed_form_full`): every gradient is δ_k aᵀ, so Adam's moments are M_k aᵀ and V_k (a²)ᵀ and
+    every step is an outer-product formula in two vectors. No per-sample Adam state is kept, only the
+    layer's output gradient δ_k is backpropagated (through the layers after L), and the values are
+    torch.optim.Adam's (and SGD's) up to float rounding. closed_form=False forces the general path.
     """
     if target not in ("full", "factored"):
         raise ValueError(f"target={target!r}; use 'full' or 'factored'.")
@@ -154,8 +160,8 @@ def overfit_batch(
             f"target='factored' supports Linear and transformers Conv1D layers, not {type(layer).__name__}."
         )
     if method is None:
-        needs_probe = factored and optimizer == "adam"
-        probe = probe_layer(model, layer, inputs, forward_fn) if needs_probe else None
+        if probe is None and factored and optimizer == "adam":
+            probe = probe_layer(model, layer, inputs, forward_fn)
         method = overfit_method(layer, optimizer, target, probe)
     fits = {
         "full": True,
@@ -167,6 +173,17 @@ def overfit_batch(
     rank_one = method == "rank-one-adam"
     direct = method != "full"
     weight = layer.weight
+    linear = isinstance(layer, nn.Linear) or is_hf_conv1d(layer)
+    if closed_form and method == "full" and target == "full" and optimizer in ("adam", "sgd") and linear:
+        if probe is None:
+            probe = probe_layer(model, layer, inputs, forward_fn)
+        if probe.one_vector:
+            run = closed_form_full(
+                model, layer, inputs, targets, loss_fn, forward_fn, steps, lr, optimizer, include_bias, reuse
+            )
+            scale = _row_std(run.delta.flatten(1), current_pool())
+            delta = run.delta.transpose(1, 2) if is_hf_conv1d(layer) else run.delta
+            return _result(delta, run.delta_bias, scale, None, run.captured, run.model_output, run.loss_before)
     with eval_mode(model):
         batch = _batch_size(inputs, targets)
         shape = (out_features(layer),) if direct else tuple(weight.shape)
@@ -196,7 +213,7 @@ def overfit_batch(
         moments = (torch.zeros_like(delta), torch.zeros_like(delta)) if rank_one else None
         # the layers before `layer` see the same inputs at every step: run them once (ocd_hf.prefix)
         with (
-            reuse_prefix(model, layer, reuse),
+            reuse_prefix(model, layer, reuse, ops=True),
             per_sample_weights(layer, delta, delta_bias, input_factor="auto" if direct else None),
         ):
             for step in range(steps):
@@ -242,6 +259,18 @@ def overfit_batch(
         energy = u.pow(2).sum(1) / delta.flatten(1).pow(2).sum(1).clamp_min(1e-30)
         delta = u
     scale = _row_std(delta.flatten(1), None if factored else buffers)
+    return _result(delta, delta_bias, scale, energy, cap, model_output, loss_before)
+
+
+def _result(
+    delta: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    energy: torch.Tensor | None,
+    cap: Any,
+    model_output: torch.Tensor,
+    loss_before: torch.Tensor,
+) -> OverfitResult:
     # a sample's std is finite exactly when all its elements are (short of overflowing squares)
     if not torch.isfinite(scale).all():
         bad = (~torch.isfinite(scale)).nonzero().flatten().tolist()

@@ -12,6 +12,15 @@ ran exactly once and returned tensors (or tuples, lists, dicts of them); anythin
 outputs are copied, and every reuse hands out a fresh copy, so in-place edits by the caller (x.relu_())
 cannot leak between passes. The block must run the *same inputs* through the *same weights* each time
 (everything but the target layer's delta).
+
+With `ops=True` (per-sample overfitting uses it) the torch calls made *between* those modules before
+the target layer (a functional relu or max-pool in the model's own forward, a flatten) are recorded too
+and later passes get their recorded results instead of computing them, so a pass after the first runs
+only the target layer and what follows it. Replay is positional and checked: each call must be the
+same function as at that position in the recording, else the rest of the pass is computed normally.
+Recorded results are handed out without copies; if any of them (or a reused module output) has been
+modified in place since it was recorded (its version counter moved), recorded results are no longer
+trusted and the block computes everything again from then on.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 class _Missing:
@@ -59,6 +69,13 @@ class PrefixCache:
         self.calls: dict[nn.Module, int] = {}
         self.recorded = False
         self.layer_started = False
+        # ops=True: (function, result, versions of its tensors) of each torch call before the layer
+        self.ops: list[tuple[Any, Any, list[int]]] = []
+        self.ops_on = False  # recording / replaying torch calls
+        self.window = False  # inside the root's forward, before the layer's first call, outside kept modules
+        self.depth = 0  # nesting inside candidate modules (their own calls are theirs, not the root's)
+        self.pos = 0  # replay position in `ops`
+        self.watch: list[tuple[torch.Tensor, int]] = []  # tensors handed out uncopied, with their versions
 
     @property
     def num_reused(self) -> int:
@@ -66,12 +83,20 @@ class PrefixCache:
 
 
 @contextlib.contextmanager
-def reuse_prefix(root: nn.Module, layer: nn.Module, enabled: bool = True) -> Iterator[PrefixCache]:
-    """Inside the block, the first forward of `root` records its prefix and later forwards reuse it."""
+def reuse_prefix(root: nn.Module, layer: nn.Module, enabled: bool = True, ops: bool = False) -> Iterator[PrefixCache]:
+    """Inside the block, the first forward of `root` records its prefix and later forwards reuse it.
+
+    Args:
+        root: The model.
+        layer: The target layer; everything that finished before its first call is reused.
+        enabled: False makes the block a no-op.
+        ops: Also replay the torch calls between reused modules (see the module docstring).
+    """
     cache = PrefixCache()
     if not enabled:
         yield cache
         return
+    cache.ops_on = ops
     ancestors = {m for m in root.modules() if any(sub is layer for sub in m.modules())}
     # only the outermost finished modules (children of the layer's ancestors) are kept: their outputs
     # already hold everything below them, and keeping every submodule's output multiplies memory
@@ -81,9 +106,27 @@ def reuse_prefix(root: nn.Module, layer: nn.Module, enabled: bool = True) -> Ite
 
     def on_layer(mod, args):
         cache.layer_started = True
+        cache.window = False
+
+    def on_root_start(mod, args):
+        cache.pos = 0
+        cache.window = cache.ops_on and cache.depth == 0
+        if cache.recorded and cache.ops_on and any(t._version != v for t, v in cache.watch):
+            stop_replay()  # something edited a handed-out result in place: recompute from now on
+
+    def stop_replay() -> None:
+        cache.ops_on = cache.window = False
+        cache.ops.clear()
+        cache.watch.clear()
+        restore()
+        cache.outputs.clear()
+
+    def enter(mod, args):
+        cache.depth += 1
 
     def make_hook(m: nn.Module):
         def hook(mod, args, out):
+            cache.depth -= 1
             if cache.recorded:
                 return None
             cache.calls[m] = cache.calls.get(m, 0) + 1
@@ -100,26 +143,101 @@ def reuse_prefix(root: nn.Module, layer: nn.Module, enabled: bool = True) -> Ite
         for m in list(cache.outputs):
             if cache.calls.get(m, 0) != 1:  # shared or re-entered modules: their output is not one value
                 del cache.outputs[m]
+        if cache.ops_on:
+            # a recorded result edited in place after it was recorded would be handed out in its edited
+            # state (and edited again): a prefix with in-place edits is not replayed, only its modules
+            watch = [tv for _, _, versions in cache.ops for tv in versions]
+            if any(t._version != v for t, v in watch):
+                cache.ops_on = False
+                cache.ops.clear()
+            else:
+                cache.watch = watch + [(t, t._version) for o in cache.outputs.values() for t in _tensors(o)]
         for m, out in cache.outputs.items():
             patched[m] = m.__dict__.get("forward", _MISSING)  # an instance-level forward, if the module had one
-            m.forward = (lambda o: lambda *a, **k: _copy(o))(out)  # noqa: E731 - bind this module's output
+            if cache.ops_on:  # in-place edits are caught by the version check instead of a copy per pass
+                m.forward = (lambda o: lambda *a, **k: o)(out)  # noqa: E731 - bind this module's output
+            else:
+                m.forward = (lambda o: lambda *a, **k: _copy(o))(out)  # noqa: E731 - bind this module's output
 
     def on_root_done(mod, args, out):
+        cache.window = False
         if not cache.recorded and cache.layer_started:
             finish_recording()
 
-    handles.append(layer.register_forward_pre_hook(on_layer))
-    for m in candidates:
-        handles.append(m.register_forward_hook(make_hook(m)))
-    # a root-level hook marks the end of the recording pass (the root contains the layer, so it is an ancestor)
-    handles.append(root.register_forward_hook(on_root_done))
-    try:
-        yield cache
-    finally:
-        for h in handles:
-            h.remove()
+    def restore() -> None:
         for m, own in patched.items():
             if own is _MISSING:
                 del m.__dict__["forward"]  # back to the class's forward
             else:
                 m.forward = own
+        patched.clear()
+
+    handles.append(layer.register_forward_pre_hook(on_layer))
+    for m in candidates:
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(make_hook(m)))
+    # root-level hooks mark a pass's start and the end of the recording pass (the root contains the layer)
+    handles.append(root.register_forward_pre_hook(on_root_start))
+    handles.append(root.register_forward_hook(on_root_done))
+    try:
+        if ops:
+            with _OpReplay(cache):
+                yield cache
+        else:
+            yield cache
+    finally:
+        for h in handles:
+            h.remove()
+        restore()
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors(v)]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _tensors(v)]
+    return []
+
+
+_PLAIN = (int, float, bool, str, torch.Size, torch.dtype, torch.device, type(None))
+
+
+def _alias(out: Any) -> Any:
+    """`out` with its tensors detached (same storage and version counter), or _MISSING if not replayable."""
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, _PLAIN):
+        return out
+    if type(out) is tuple:  # lists and other containers are mutable or unusual: not replayed
+        items = tuple(_alias(v) for v in out)
+        return _MISSING if any(v is _MISSING for v in items) else items
+    return _MISSING
+
+
+class _OpReplay(TorchFunctionMode):
+    """Records the torch calls of the recording pass's window and replays them in later passes."""
+
+    def __init__(self, cache: PrefixCache) -> None:
+        super().__init__()
+        self.cache = cache
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        c = self.cache
+        if not (c.window and c.depth == 0):
+            return func(*args, **(kwargs or {}))
+        if not c.recorded:
+            out = func(*args, **(kwargs or {}))
+            kept = _alias(out)
+            if kept is _MISSING:  # e.g. a NumPy array: not replayed, nor anything after it
+                c.window = False
+                c.ops.append((None, None, []))
+            else:
+                c.ops.append((func, kept, [(t, t._version) for t in _tensors(kept)]))
+            return out
+        if c.pos < len(c.ops) and c.ops[c.pos][0] is not None and c.ops[c.pos][0] == func:
+            c.pos += 1
+            return c.ops[c.pos - 1][1]
+        c.window = False  # a different call than recorded (or past the record): compute the rest
+        return func(*args, **(kwargs or {}))

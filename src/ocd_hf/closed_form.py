@@ -1,0 +1,182 @@
+"""Closed-form per-sample overfitting of a Linear layer that sees one input vector per sample.
+
+When layer L gets one input vector a per sample ([B, in], one call per forward), the gradient of the
+loss at W + Δ is δ aᵀ, δ = ∂loss/∂y the gradient at L's output: rank one, and a never changes between
+steps (the layers before L are frozen). So every optimizer step is a formula in two vectors:
+
+- SGD: Δ_k = -lr (δ_1 + … + δ_k) aᵀ, exactly rank one.
+- Adam: the moments are M_k aᵀ and V_k (a²)ᵀ with M_k, V_k Adam's moments of δ alone ([B, out]), and
+  step k adds -lr/bc1 · M_k[o] a[i] / (√(V_k[o]/bc2) |a[i]| + eps) to Δ[o, i]. Because of eps this is
+  not rank one, so it is evaluated elementwise, but from the vectors: no per-sample Adam state over
+  [B, out, in] is kept and no weight-sized gradient is formed.
+
+Only δ_k is backpropagated: L's output is cut from the graph and made a leaf, so a backward runs
+through the layers after L only. The next forward adds Δ_k a (a [B, out] vector) to L's output.
+The values are torch.optim.Adam's / SGD's up to float rounding (the same formula, evaluated in a
+different order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .buffers import current_pool
+from .capture import Captured, capture_layer, pool
+from .modes import eval_mode
+from .per_sample import out_features
+from .prefix import reuse_prefix
+
+# torch.optim.Adam's defaults, named because the closed forms repeat Adam's update rule
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class ClosedFormRun:
+    """Δ laid out [B, out, in] (whatever the layer's own weight layout), Δ bias, and what the first pass saw."""
+
+    delta: torch.Tensor
+    delta_bias: torch.Tensor | None
+    captured: Captured
+    model_output: torch.Tensor
+    loss_before: torch.Tensor
+
+
+def closed_form_full(
+    model: nn.Module,
+    layer: nn.Module,
+    inputs: Any,
+    targets: torch.Tensor,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+    forward_fn: Callable[[nn.Module, Any], Any],
+    steps: int,
+    lr: float,
+    optimizer: str,
+    include_bias: bool,
+    reuse: bool = True,
+) -> ClosedFormRun:
+    """Overfit a Linear / transformers Conv1D `layer` on every sample by the closed form (module docstring).
+
+    Args:
+        model: The model; in eval mode meanwhile.
+        layer: The target layer; it must see one input vector per sample, in one call per forward.
+        inputs: The batch's inputs, as `forward_fn` takes them.
+        targets: Labels with the batch first.
+        loss_fn: Per-sample loss, [B].
+        forward_fn: forward_fn(model, inputs) -> outputs.
+        steps: Optimizer steps per sample.
+        lr: Their learning rate.
+        optimizer: "adam" or "sgd".
+        include_bias: Also overfit the layer's bias.
+        reuse: Reuse the layers before `layer` between passes (`ocd_hf.prefix`).
+    """
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"Unknown overfit optimizer {optimizer!r}; use 'adam' or 'sgd'.")
+    if steps < 1:
+        raise ValueError(f"steps={steps}: overfitting needs at least one step.")
+    batch = targets.shape[0]
+    dtype, device = layer.weight.dtype, layer.weight.device
+    with_bias = include_bias and getattr(layer, "bias", None) is not None
+    seen: dict[str, torch.Tensor | None] = {"shift": None}
+
+    def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        if x.dim() != 2 or x.shape[0] != batch:
+            raise ValueError(
+                f"The closed form needs one input vector per sample ([{batch}, in]); the layer got {tuple(x.shape)}."
+            )
+        seen.setdefault("x", x.detach())
+        y = output.detach()
+        if seen["shift"] is not None:
+            y = y + seen["shift"].to(y.dtype)
+        seen["y"] = y.requires_grad_(True)  # a leaf: the backward stops here
+        return seen["y"]
+
+    buffers = current_pool()
+    b1, b2 = ADAM_BETAS
+    with eval_mode(model), reuse_prefix(model, layer, reuse, ops=True):
+        handle = layer.register_forward_hook(hook)
+        try:
+            for k in range(1, steps + 1):
+                if k == 1:
+                    with capture_layer(layer) as cap:
+                        out = forward_fn(model, inputs)
+                    model_output = pool(out)
+                else:
+                    out = forward_fn(model, inputs)
+                losses = loss_fn(out, targets)
+                if losses.dim() != 1 or losses.shape[0] != batch:
+                    raise ValueError(
+                        f"The loss must return one value per sample ([{batch}]); got {tuple(losses.shape)}."
+                    )
+                (d,) = torch.autograd.grad(losses.sum(), seen["y"], allow_unused=True)
+                d = torch.zeros(batch, out_features(layer), dtype=dtype, device=device) if d is None else d.to(dtype)
+                if k == 1:
+                    loss_before = losses.detach()
+                    x = seen["x"].to(dtype)
+                    shape = (batch, d.shape[1], x.shape[1])
+                    delta = (
+                        torch.empty(shape, dtype=dtype, device=device)
+                        if buffers is None
+                        else buffers.get("delta", shape, dtype, device)
+                    )
+                    moments = torch.zeros_like(d), torch.zeros_like(d)
+                    bias_delta = torch.zeros_like(d) if with_bias else None
+                if optimizer == "sgd":
+                    moments[0].add_(d, alpha=-lr)  # -lr Σ δ_j: Δ_k = that ⊗ a
+                    if bias_delta is not None:
+                        bias_delta.add_(d, alpha=-lr)
+                    if k < steps:
+                        seen["shift"] = moments[0] * x.pow(2).sum(1, keepdim=True)
+                else:
+                    _adam_step(delta, moments, bias_delta, d, x, k, lr, buffers)
+                    if k < steps:
+                        seen["shift"] = torch.bmm(delta, x.unsqueeze(2)).squeeze(2)
+                if k < steps and bias_delta is not None:
+                    seen["shift"] = seen["shift"] + bias_delta
+        finally:
+            handle.remove()
+    if optimizer == "sgd":
+        torch.mul(moments[0].unsqueeze(2), x.unsqueeze(1), out=delta)
+    return ClosedFormRun(delta, bias_delta, cap, model_output, loss_before)
+
+
+@torch.no_grad()
+def _adam_step(
+    delta: torch.Tensor,
+    moments: tuple[torch.Tensor, torch.Tensor],
+    bias_delta: torch.Tensor | None,
+    d: torch.Tensor,
+    x: torch.Tensor,
+    k: int,
+    lr: float,
+    buffers: Any,
+) -> None:
+    """Adam step k on Δ = Σ_j -lr/bc1_j M_j aᵀ / (√(V_j/bc2_j) |a|ᵀ + eps), written into `delta` (k = 1 fills it)."""
+    b1, b2 = ADAM_BETAS
+    m, v = moments
+    m.lerp_(d, 1 - b1)  # torch.optim.Adam's update of exp_avg, on the [B, out] factor
+    v.mul_(b2).addcmul_(d, d, value=1 - b2)
+    bc1, bc2 = 1 - b1**k, 1 - b2**k
+    a = m * (-lr / bc1)
+    s = v.sqrt() / math.sqrt(bc2)
+    if bias_delta is not None:  # the bias gradient is δ itself: the same moments, and eps on s directly
+        bias_delta.add_(a / (s + ADAM_EPS))
+    # a x / (s|x| + eps) = x / (r|x| + e) with r = s/a, e = eps/a, so one baddbmm makes the denominator
+    # and one addcdiv applies it; a = 0 (no gradient yet) gives r = 0, e = inf: a zero step
+    zero = a == 0
+    big = torch.finfo(a.dtype).max
+    r = torch.where(zero, torch.zeros_like(a), s / a).nan_to_num_(nan=0.0, posinf=big, neginf=-big)
+    e = torch.where(zero, torch.full_like(a, math.inf), ADAM_EPS / a)
+    den = torch.empty_like(delta) if buffers is None else buffers.get("den", delta.shape, delta.dtype, delta.device)
+    torch.baddbmm(e.unsqueeze(2), r.unsqueeze(2), x.abs().unsqueeze(1), out=den)
+    if k == 1:
+        torch.div(x.unsqueeze(1), den, out=delta)
+    else:
+        delta.addcdiv_(x.unsqueeze(1), den)
