@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from .buffers import reuse_buffers
@@ -30,6 +29,7 @@ from .losses import LossFn
 from .manifest import check_or_write_manifest, claim_shards, collection_fingerprints
 from .memory import CollectionPlan, plan_collection
 from .overfit import ForwardFn, OverfitSettings, overfit_batch, probe_layer, take_range
+from .shards import ShardWriter
 
 KEYS = ("delta", "scale", "layer_input", "layer_output", "model_output", "loss_before", "index")
 
@@ -88,62 +88,74 @@ def collect_deltas(
     bar.update(sum(map(shard_len, mine)) - sum(map(shard_len, todo)))
     plan: CollectionPlan | None = None
     ignored: list[int] = []
+    keys = KEYS + (("energy",) if s.target == "factored" else ())
     # each shard is written while its lock is held, so a concurrent collector never recomputes it;
-    # weight-sized tensors are reused from chunk to chunk
-    with reuse_buffers():
+    # weight-sized tensors are reused from chunk to chunk, and a chunk is written to its shard in the
+    # background while the next one is overfitted (ocd_hf.shards)
+    with reuse_buffers() as buffers:
         for k in claim_shards(out, todo, SHARD_PATTERN.format):
             start, stop = k * shard_size, min((k + 1) * shard_size, n)
-            loader = DataLoader(
-                Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
-            )
-            keys = KEYS + (("energy",) if s.target == "factored" else ())
-            tensors: dict[str, torch.Tensor] = {"index": torch.arange(start, stop)}
-            pos = 0
-            for batch in loader:
-                inputs, targets = split_batch(to_device(batch))
-                ignored += check_batch(inputs, targets, loss_fn, start + pos)
-                if plan is None:
-                    plan = plan_collection(
-                        layer_name,
-                        layer,
-                        optimizer=s.optimizer,
-                        target=s.target,
-                        batch_size=batch_size,
-                        shard_size=shard_size,
-                        num_samples=n,
-                        probe=probe_layer(model, layer, inputs, forward_fn),
-                        steps=s.steps,
-                        max_memory=max_memory,
-                    )
-                b = targets.shape[0]
-                for c0 in range(0, b, plan.chunk_size):
-                    c1 = min(c0 + plan.chunk_size, b)
-                    r = overfit_batch(
-                        model,
-                        layer,
-                        take_range(inputs, c0, c1),
-                        targets[c0:c1],
-                        loss_fn,
-                        forward_fn,
-                        s.steps,
-                        s.lr,
-                        s.optimizer,
-                        s.include_bias,
-                        s.target,
-                        method=plan.method,
-                    )
-                    for key in keys:
-                        if key == "index":
-                            continue
-                        value = getattr(r, key)
-                        if key not in tensors:  # the shard is assembled in place: one copy of it in memory
-                            tensors[key] = torch.empty(stop - start, *value.shape[1:], dtype=torch.float32)
-                        tensors[key][pos + c0 : pos + c1] = value
-                    del r
-                pos += b
-                bar.update(b)
-            _atomic_save(tensors, out / SHARD_PATTERN.format(k))
-            del tensors
+            writer = ShardWriter(out / SHARD_PATTERN.format(k), stop - start)
+            free: list[torch.Tensor] = []  # pooled delta buffers whose chunk is on disk
+            lent = None  # the pooled delta buffer of the chunk being written
+            try:
+                pos = 0
+                for batch in _batches(dataset, start, stop, batch_size, collate_fn):
+                    inputs, targets = split_batch(to_device(batch))
+                    ignored += check_batch(inputs, targets, loss_fn, start + pos)
+                    if plan is None:
+                        probe = probe_layer(model, layer, inputs, forward_fn)
+                        plan = plan_collection(
+                            layer_name,
+                            layer,
+                            optimizer=s.optimizer,
+                            target=s.target,
+                            batch_size=batch_size,
+                            shard_size=shard_size,
+                            num_samples=n,
+                            probe=probe,
+                            steps=s.steps,
+                            max_memory=max_memory,
+                        )
+                    b = targets.shape[0]
+                    for c0 in range(0, b, plan.chunk_size):
+                        c1 = min(c0 + plan.chunk_size, b)
+                        if free and "delta" not in buffers.buffers:
+                            buffers.buffers["delta"] = free.pop()
+                        r = overfit_batch(
+                            model,
+                            layer,
+                            take_range(inputs, c0, c1),
+                            targets[c0:c1],
+                            loss_fn,
+                            forward_fn,
+                            s.steps,
+                            s.lr,
+                            s.optimizer,
+                            s.include_bias,
+                            s.target,
+                            method=plan.method,
+                            probe=probe,
+                        )
+                        chunk = {key: _stored(getattr(r, key)) for key in keys if key != "index"}
+                        chunk["index"] = torch.arange(start + pos + c0, start + pos + c1)
+                        pooled = buffers.buffers.get("delta")
+                        writing = None
+                        if pooled is not None and chunk["delta"].data_ptr() == pooled.data_ptr():
+                            # the writer owns the buffer until its chunk is on disk: the next chunk
+                            # takes another (the one of the chunk written before, once done)
+                            writing = buffers.buffers.pop("delta")
+                        writer.submit(pos + c0, chunk)  # waits for the previous chunk first
+                        if lent is not None:
+                            free.append(lent)
+                        lent = writing
+                        del r, chunk
+                    pos += b
+                    bar.update(b)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
     bar.close()
     warn_ignored(ignored, n)
     return DeltaStore(out) if num_processes == 1 else None
@@ -288,7 +300,18 @@ def _mmap_safetensors(path: Path) -> dict[str, np.memmap]:
     return out
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+def _stored(value: torch.Tensor) -> torch.Tensor:
+    """A result column as shards store it: float32 (integers as int64), on the CPU, contiguous."""
+    dtype = torch.int64 if not value.is_floating_point() else torch.float32
+    return value.detach().to("cpu", dtype).contiguous()
+
+
+def _batches(dataset: Dataset, start: int, stop: int, batch_size: int, collate_fn: Callable | None):
+    """Batches of samples [start, stop) in order: slices of a TensorDataset, else through a DataLoader."""
+    if collate_fn is None and isinstance(dataset, TensorDataset):
+        for s in range(start, stop, batch_size):
+            yield [t[s : min(s + batch_size, stop)] for t in dataset.tensors]
+        return
+    yield from DataLoader(
+        Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
+    )

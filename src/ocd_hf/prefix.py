@@ -110,9 +110,10 @@ def reuse_prefix(root: nn.Module, layer: nn.Module, enabled: bool = True, ops: b
 
     def on_root_start(mod, args):
         cache.pos = 0
-        cache.window = cache.ops_on and cache.depth == 0
+        cache.window = False  # the check below reads versions through torch: not one of the root's calls
         if cache.recorded and cache.ops_on and any(t._version != v for t, v in cache.watch):
             stop_replay()  # something edited a handed-out result in place: recompute from now on
+        cache.window = cache.ops_on and cache.depth == 0
 
     def stop_replay() -> None:
         cache.ops_on = cache.window = False
@@ -126,15 +127,17 @@ def reuse_prefix(root: nn.Module, layer: nn.Module, enabled: bool = True, ops: b
 
     def make_hook(m: nn.Module):
         def hook(mod, args, out):
-            cache.depth -= 1
-            if cache.recorded:
+            try:
+                if cache.recorded:
+                    return None
+                cache.calls[m] = cache.calls.get(m, 0) + 1
+                if not cache.layer_started:
+                    copied = _copy(out)  # still inside the module: this copy is not one of the root's calls
+                    if copied is not _MISSING:
+                        cache.outputs[m] = copied
                 return None
-            cache.calls[m] = cache.calls.get(m, 0) + 1
-            if not cache.layer_started:
-                copied = _copy(out)
-                if copied is not _MISSING:
-                    cache.outputs[m] = copied
-            return None
+            finally:
+                cache.depth -= 1
 
         return hook
 
