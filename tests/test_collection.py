@@ -233,3 +233,45 @@ def test_retry_after_an_error_in_the_same_process_does_not_wait_for_itself(small
         kept = e  # the traceback keeps the collection's frames, and their shard lock, alive
     store = run(small_cnn, image_data, tmp_path / "r")
     assert len(store) == 40 and kept is not None
+
+
+def test_shard_writer_writes_safetensors_by_chunks_and_leaves_nothing_on_error(tmp_path):
+    from ocd_hf.shards import ShardWriter
+
+    cols = {"delta": torch.randn(10, 3, 4), "scale": torch.rand(10), "index": torch.arange(10)}
+    w = ShardWriter(tmp_path / "shard-00000.safetensors", 10)
+    for a, b in ((0, 4), (4, 10)):  # the second chunk is submitted while the first may still be written
+        w.submit(a, {k: v[a:b].clone() for k, v in cols.items()})
+    w.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.safetensors"]
+    back = load_file(str(tmp_path / "shard-00000.safetensors"))
+    assert back.keys() == cols.keys()
+    for k in cols:
+        assert torch.equal(back[k], cols[k]), k
+    w = ShardWriter(tmp_path / "shard-00001.safetensors", 10)
+    w.submit(0, {k: v[:4] for k, v in cols.items()})
+    with pytest.raises(KeyError, match="differ"):
+        w.submit(4, {"delta": cols["delta"][4:]})
+    w.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.safetensors"]
+
+
+class _Plain(torch.utils.data.Dataset):
+    """The same samples as a TensorDataset, read through a DataLoader (not sliced)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+
+def test_sliced_tensor_dataset_and_data_loader_give_the_same_shards(small_cnn, image_data, tmp_path):
+    a = run(small_cnn, image_data, tmp_path / "sliced")
+    b = run(small_cnn, _Plain(image_data), tmp_path / "loader")
+    for key in ("delta", "scale", "layer_input", "index"):
+        assert torch.equal(a.column(key), b.column(key)), key
+    assert not list((tmp_path / "sliced").glob("*.tmp-*"))

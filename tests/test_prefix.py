@@ -1,5 +1,6 @@
 """Prefix reuse: later passes skip the layers before the target and give the same outputs."""
 
+import pytest
 import torch
 from conftest import TINY_HEAD, TINY_TRAIN
 from torch import nn
@@ -168,3 +169,76 @@ def test_dict_outputs_are_reused_and_only_outermost_modules_kept():
     assert m.body.inner.runs == 1
     assert list(cache.outputs) == [m.body]  # not m.body.inner: the body's output already holds it
     torch.testing.assert_close(reused, full, atol=0, rtol=0)
+
+
+class Functional(nn.Module):
+    """Torch calls between modules before the target (as LeNet5's relu / max-pool), and an optional
+    in-place edit of one of their results after the target."""
+
+    def __init__(self, edit_after: bool = False):
+        super().__init__()
+        self.pre = Counted(6, 8)
+        self.target = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+        self.edit_after = edit_after
+
+    def forward(self, x):
+        h = torch.sin(self.pre(x)).view(-1, 2, 4).amax(1)  # sin and amax: calls in the model's own forward
+        y = self.out(torch.relu(self.target(h)))
+        if self.edit_after:
+            h.mul_(2)  # edits a recorded result: later passes must not be handed the edited tensor
+        return y + h.sum(1, keepdim=True)
+
+
+class _CountSin(torch.overrides.TorchFunctionMode):
+    """Counts torch.sin calls that are really computed (replayed ones never reach an outer mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sin = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.sin += func is torch.sin
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("edit_after", [False, True, "from the second pass"])
+def test_ops_replay_skips_calls_before_the_target_and_gives_the_same_outputs(edit_after):
+    torch.manual_seed(0)
+    m = Functional(bool(edit_after)).eval()
+    x = torch.randn(5, 6)
+    deltas = [torch.randn(5, 4, 4, generator=torch.Generator().manual_seed(i)) * 0.1 for i in range(3)]
+    ocd = OCDWrapper.from_pretrained(m, layer="target")
+    ocd.reuse_prefix = False
+    edits = [edit_after is True or (bool(edit_after) and i > 0) for i in range(3)]
+    full = []
+    for edit, d in zip(edits, deltas):
+        m.edit_after = edit
+        full.append(ocd.forward_with_deltas(x, d))
+    m.pre.runs = 0
+    with _CountSin() as count, reuse_prefix(m, m.target, ops=True) as cache:
+        reused = []
+        for edit, d in zip(edits, deltas):
+            m.edit_after = edit
+            reused.append(ocd.forward_with_deltas(x, d))
+    for a, b in zip(full, reused):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    if edit_after == "from the second pass":  # a handed-out result edited in pass 2: pass 3 computes all
+        assert count.sin == 2 and m.pre.runs == 2 and not cache.ops_on
+    elif edit_after:  # the edit is seen when the recording pass ends: calls are not replayed, modules still are
+        assert count.sin == 3 and m.pre.runs == 1 and not cache.ops_on
+    else:  # sin and `pre` ran once; later passes got their recorded results
+        assert count.sin == 1 and m.pre.runs == 1 and cache.ops_on
+
+
+def test_ops_replay_keeps_in_place_edits_before_the_target_from_compounding():
+    m = _model()  # Net edits the reused output of `pre` in place (h.relu_()) before the target
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    d = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.1
+    ocd = OCDWrapper.from_pretrained(m, layer="target")
+    ocd.reuse_prefix = False
+    full = ocd.forward_with_deltas(x, d)
+    with reuse_prefix(m, m.target, ops=True):
+        reused = [ocd.forward_with_deltas(x, d) for _ in range(3)]
+    for r in reused:
+        torch.testing.assert_close(r, full, atol=0, rtol=0)

@@ -168,14 +168,16 @@ def _adam_step(
     s = v.sqrt() / math.sqrt(bc2)
     if bias_delta is not None:  # the bias gradient is δ itself: the same moments, and eps on s directly
         bias_delta.add_(a / (s + ADAM_EPS))
-    # a x / (s|x| + eps) = x / (r|x| + e) with r = s/a, e = eps/a, so one baddbmm makes the denominator
-    # and one addcdiv applies it; a = 0 (no gradient yet) gives r = 0, e = inf: a zero step
+    # a x / (s|x| + eps) = x / (r|x| + e) with r = s/a, e = eps/a: the denominator is the product of
+    # [r, e] ([B, out, 2]) and [|x|; 1] ([B, 2, in]), one bmm; one addcdiv applies it.
+    # a = 0 (no gradient yet) gives r = 0, e = inf: a zero step.
     zero = a == 0
     big = torch.finfo(a.dtype).max
     r = torch.where(zero, torch.zeros_like(a), s / a).nan_to_num_(nan=0.0, posinf=big, neginf=-big)
     e = torch.where(zero, torch.full_like(a, math.inf), ADAM_EPS / a)
     den = torch.empty_like(delta) if buffers is None else buffers.get("den", delta.shape, delta.dtype, delta.device)
-    torch.baddbmm(e.unsqueeze(2), r.unsqueeze(2), x.abs().unsqueeze(1), out=den)
+    right = torch.stack([x.abs(), torch.ones_like(x)], 1)  # [B, 2, in]
+    torch.bmm(torch.stack([r, e], 2), right, out=den)
     if k == 1:
         torch.div(x.unsqueeze(1), den, out=delta)
     else:

@@ -291,10 +291,10 @@ def _result(
 
 
 def _row_std(x: torch.Tensor, buffers: BufferPool | None = None) -> torch.Tensor:
-    """Unbiased std of every row; two plain passes run faster on CPU than torch.std's reduction."""
+    """Unbiased std of every row: the centred rows' norm (two plain passes run faster on CPU than torch.std)."""
     out = None if buffers is None else buffers.get("centred", x.shape, x.dtype, x.device)
     centred = torch.sub(x, x.mean(dim=1, keepdim=True), out=out)
-    return centred.pow_(2).sum(dim=1).div_(max(x.shape[1] - 1, 1)).sqrt_()
+    return torch.linalg.vector_norm(centred, dim=1).div_(math.sqrt(max(x.shape[1] - 1, 1)))
 
 
 @torch.no_grad()
