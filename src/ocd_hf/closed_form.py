@@ -35,6 +35,8 @@ from .prefix import reuse_prefix
 # torch.optim.Adam's defaults, named because the closed forms repeat Adam's update rule
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+# bytes of delta rows handled at a time by a closed-form step: a cache-sized share of the batch
+SUB_CHUNK_BYTES = 2**19
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ClosedFormRun:
 
     delta: torch.Tensor
     delta_bias: torch.Tensor | None
+    scale: torch.Tensor  # the unbiased std of each sample's delta
     captured: Captured
     model_output: torch.Tensor
     loss_before: torch.Tensor
@@ -135,16 +138,17 @@ def closed_form_full(
                     if k < steps:
                         seen["shift"] = moments[0] * x.pow(2).sum(1, keepdim=True)
                 else:
-                    _adam_step(delta, moments, bias_delta, d, x, k, lr, buffers)
+                    shift, scale = _adam_step(delta, moments, bias_delta, d, x, k, steps, lr, buffers)
                     if k < steps:
-                        seen["shift"] = torch.bmm(delta, x.unsqueeze(2)).squeeze(2)
+                        seen["shift"] = shift
                 if k < steps and bias_delta is not None:
                     seen["shift"] = seen["shift"] + bias_delta
         finally:
             handle.remove()
     if optimizer == "sgd":
         torch.mul(moments[0].unsqueeze(2), x.unsqueeze(1), out=delta)
-    return ClosedFormRun(delta, bias_delta, cap, model_output, loss_before)
+        scale = row_std(delta.flatten(1))
+    return ClosedFormRun(delta, bias_delta, scale, cap, model_output, loss_before)
 
 
 @torch.no_grad()
@@ -155,10 +159,14 @@ def _adam_step(
     d: torch.Tensor,
     x: torch.Tensor,
     k: int,
+    steps: int,
     lr: float,
     buffers: Any,
-) -> None:
-    """Adam step k on Δ = Σ_j -lr/bc1_j M_j aᵀ / (√(V_j/bc2_j) |a|ᵀ + eps), written into `delta` (k = 1 fills it)."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Adam step k on Δ = Σ_j -lr/bc1_j M_j aᵀ / (√(V_j/bc2_j) |a|ᵀ + eps), written into `delta` (k = 1 fills it).
+
+    Returns Δ a for the next forward (k < steps) or each sample's std of Δ (k = steps).
+    """
     b1, b2 = ADAM_BETAS
     m, v = moments
     m.lerp_(d, 1 - b1)  # torch.optim.Adam's update of exp_avg, on the [B, out] factor
@@ -175,10 +183,40 @@ def _adam_step(
     big = torch.finfo(a.dtype).max
     r = torch.where(zero, torch.zeros_like(a), s / a).nan_to_num_(nan=0.0, posinf=big, neginf=-big)
     e = torch.where(zero, torch.full_like(a, math.inf), ADAM_EPS / a)
-    den = torch.empty_like(delta) if buffers is None else buffers.get("den", delta.shape, delta.dtype, delta.device)
-    right = torch.stack([x.abs(), torch.ones_like(x)], 1)  # [B, 2, in]
-    torch.bmm(torch.stack([r, e], 2), right, out=den)
-    if k == 1:
-        torch.div(x.unsqueeze(1), den, out=delta)
-    else:
-        delta.addcdiv_(x.unsqueeze(1), den)
+    left, right = torch.stack([r, e], 2), torch.stack([x.abs(), torch.ones_like(x)], 1)
+    batch, per = delta.shape[0], delta[0].numel()
+    # a few samples at a time, so the denominator and the delta rows stay in cache from one op to the
+    # next (the step is bound by memory traffic, not arithmetic)
+    sub = max(1, SUB_CHUNK_BYTES // max(per * delta.element_size(), 1))
+    shape = (min(sub, batch), *delta.shape[1:])
+    den = (
+        torch.empty(shape, dtype=delta.dtype, device=delta.device)
+        if buffers is None
+        else buffers.get("den", shape, delta.dtype, delta.device)
+    )
+    last = k == steps
+    out = torch.empty(batch, dtype=delta.dtype, device=delta.device) if last else torch.empty_like(d)
+    for s0 in range(0, batch, sub):
+        s1 = min(s0 + sub, batch)
+        part, dn, xs = delta[s0:s1], den[: s1 - s0], x[s0:s1]
+        torch.bmm(left[s0:s1], right[s0:s1], out=dn)
+        if k == 1:
+            torch.div(xs.unsqueeze(1), dn, out=part)
+        else:
+            part.addcdiv_(xs.unsqueeze(1), dn)
+        if last:
+            out[s0:s1] = row_std(part.flatten(1), dn.view(s1 - s0, -1))
+        else:
+            torch.bmm(part, xs.unsqueeze(2), out=out[s0:s1].unsqueeze(2))
+    return (None, out) if last else (out, None)
+
+
+def row_std(x: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """Unbiased std of every row: the centred rows' norm (two plain passes run faster on CPU than torch.std).
+
+    Args:
+        x: [N, D] rows.
+        work: Optional [N, D] buffer for the centred rows.
+    """
+    centred = torch.sub(x, x.mean(dim=1, keepdim=True), out=work)
+    return torch.linalg.vector_norm(centred, dim=1).div_(math.sqrt(max(x.shape[1] - 1, 1)))

@@ -18,7 +18,7 @@ from torch import nn
 
 from .buffers import BufferPool, current_pool
 from .capture import capture_layer, pool
-from .closed_form import ADAM_BETAS, closed_form_full
+from .closed_form import ADAM_BETAS, closed_form_full, row_std
 from .layers import is_hf_conv1d
 from .losses import LossFn
 from .memory import LayerProbe, overfit_method
@@ -181,9 +181,8 @@ def overfit_batch(
             run = closed_form_full(
                 model, layer, inputs, targets, loss_fn, forward_fn, steps, lr, optimizer, include_bias, reuse
             )
-            scale = _row_std(run.delta.flatten(1), current_pool())
             delta = run.delta.transpose(1, 2) if is_hf_conv1d(layer) else run.delta
-            return _result(delta, run.delta_bias, scale, None, run.captured, run.model_output, run.loss_before)
+            return _result(delta, run.delta_bias, run.scale, None, run.captured, run.model_output, run.loss_before)
     with eval_mode(model):
         batch = _batch_size(inputs, targets)
         shape = (out_features(layer),) if direct else tuple(weight.shape)
@@ -291,10 +290,8 @@ def _result(
 
 
 def _row_std(x: torch.Tensor, buffers: BufferPool | None = None) -> torch.Tensor:
-    """Unbiased std of every row: the centred rows' norm (two plain passes run faster on CPU than torch.std)."""
-    out = None if buffers is None else buffers.get("centred", x.shape, x.dtype, x.device)
-    centred = torch.sub(x, x.mean(dim=1, keepdim=True), out=out)
-    return torch.linalg.vector_norm(centred, dim=1).div_(math.sqrt(max(x.shape[1] - 1, 1)))
+    """Unbiased std of every row (`ocd_hf.closed_form.row_std`), its work buffer from the pool."""
+    return row_std(x, None if buffers is None else buffers.get("centred", x.shape, x.dtype, x.device))
 
 
 @torch.no_grad()
