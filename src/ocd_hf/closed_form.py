@@ -103,16 +103,17 @@ def closed_form_full(
 
     buffers = current_pool()
     b1, b2 = ADAM_BETAS
-    with eval_mode(model), reuse_prefix(model, layer, reuse, ops=True):
+    with eval_mode(model), reuse_prefix(model, layer, reuse, ops=True) as prefix:
         handle = layer.register_forward_hook(hook)
         try:
             for k in range(1, steps + 1):
                 if k == 1:
-                    with capture_layer(layer) as cap:
+                    with capture_layer(layer) as cap, prefix.replaying():
                         out = forward_fn(model, inputs)
                     model_output = pool(out)
                 else:
-                    out = forward_fn(model, inputs)
+                    with prefix.replaying():
+                        out = forward_fn(model, inputs)
                 losses = loss_fn(out, targets)
                 if losses.dim() != 1 or losses.shape[0] != batch:
                     raise ValueError(

@@ -212,17 +212,18 @@ def overfit_batch(
         moments = (torch.zeros_like(delta), torch.zeros_like(delta)) if rank_one else None
         # the layers before `layer` see the same inputs at every step: run them once (ocd_hf.prefix)
         with (
-            reuse_prefix(model, layer, reuse, ops=True),
+            reuse_prefix(model, layer, reuse, ops=True) as prefix,
             per_sample_weights(layer, delta, delta_bias, input_factor="auto" if direct else None),
         ):
             for step in range(steps):
                 if step == 0:
                     # Δ = 0 here, so this forward is the unmodified pass: I(x) comes from it for free.
-                    with capture_layer(layer) as cap:
+                    with capture_layer(layer) as cap, prefix.replaying():
                         out = forward_fn(model, inputs)
                     model_output = pool(out)
                 else:
-                    out = forward_fn(model, inputs)
+                    with prefix.replaying():
+                        out = forward_fn(model, inputs)
                 losses = loss_fn(out, targets)
                 if losses.dim() != 1 or losses.shape[0] != batch:
                     raise ValueError(

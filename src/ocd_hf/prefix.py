@@ -14,8 +14,9 @@ cannot leak between passes. The block must run the *same inputs* through the *sa
 (everything but the target layer's delta).
 
 With `ops=True` (per-sample overfitting uses it) the torch calls made *between* those modules before
-the target layer (a functional relu or max-pool in the model's own forward, a flatten) are recorded too
-and later passes get their recorded results instead of computing them, so a pass after the first runs
+the target layer (a functional relu or max-pool in the model's own forward, a flatten) are recorded too,
+in forwards run inside `cache.replaying()`, and later passes get their recorded results instead of
+computing them, so a pass after the first runs
 only the target layer and what follows it. Replay is positional and checked: each call must be the
 same function as at that position in the recording, else the rest of the pass is computed normally.
 Recorded results are handed out without copies; if any of them (or a reused module output) has been
@@ -80,6 +81,13 @@ class PrefixCache:
     @property
     def num_reused(self) -> int:
         return len(self.outputs)
+
+    def replaying(self) -> contextlib.AbstractContextManager:
+        """Wrap each forward in this block (ops=True): torch calls are recorded / replayed only inside.
+
+        Outside it (the loss, the optimizer) torch calls do not pay for the interception.
+        """
+        return _OpReplay(self) if self.ops_on else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -183,11 +191,7 @@ def reuse_prefix(root: nn.Module, layer: nn.Module, enabled: bool = True, ops: b
     handles.append(root.register_forward_pre_hook(on_root_start))
     handles.append(root.register_forward_hook(on_root_done))
     try:
-        if ops:
-            with _OpReplay(cache):
-                yield cache
-        else:
-            yield cache
+        yield cache
     finally:
         for h in handles:
             h.remove()
