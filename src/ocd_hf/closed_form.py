@@ -102,7 +102,6 @@ def closed_form_full(
         return seen["y"]
 
     buffers = current_pool()
-    b1, b2 = ADAM_BETAS
     with eval_mode(model), reuse_prefix(model, layer, reuse, ops=True) as prefix:
         handle = layer.register_forward_hook(hook)
         try:
