@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="toy sizes: runs in seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-sources", type=int, default=None, help="sources per mixture (default 5; 3 with --quick)")
+    p.add_argument("--overfit-lr", type=float, default=None, help="OCD's per-sample learning rate (default 5e-3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args(argv)
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         if not 2 <= args.num_sources <= 6:
             p.error(f"--num-sources {args.num_sources}: use 2 to 6 (PIT tries every permutation).")
         sizes = dataclasses.replace(sizes, num_sources=args.num_sources)
+    if args.overfit_lr is not None:
+        sizes = dataclasses.replace(sizes, overfit_lr=args.overfit_lr)
     t0 = time.perf_counter()
     r = run_seed(args.seed, quick=args.quick, sizes=sizes, progress=not args.quick)
     s = r["sizes"]
