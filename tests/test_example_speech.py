@@ -142,3 +142,27 @@ def test_example_quick_runs(capsys):
         assert row in out, row
     assert "delta_scale" in out and "total" in out
     assert "nan" not in out.lower().split("cosine")[0]
+
+
+def test_benchmark_table_from_records(tmp_path):
+    import json
+
+    from benchmarks.task_speech import main
+
+    def record(seed, base, ocd):
+        return {
+            "seed": seed,
+            "rows": {"base": {"si_sdri": base, "si_sdr": base - 6}, "OCD": {"si_sdri": ocd, "si_sdr": ocd - 6}},
+            "sizes": {"num_sources": 5, "n_train": 1000},
+            "cosine_to_oracle": {},
+            "delta_scale": 1.0,
+            "times_s": {"data": 1, "base": 2, "ocd_fit": 3, "score": 4},
+            "wall_s": 10.0,
+        }
+
+    (tmp_path / "speech.json").write_text(json.dumps([record(0, 3.0, 3.5), record(1, 4.0, 3.9)]))
+    main(["--render-only", "--out-dir", str(tmp_path)])
+    md = (tmp_path / "speech.md").read_text()
+    assert "`python -m benchmarks.task_speech --seeds 0 1`" in md
+    # mean ± SD of the per-seed gains (+0.5, -0.1), and one seed of two above the base model
+    assert "| OCD | 3.7000 ± 0.2828 | -2.3000 ± 0.2828 | +0.2000 ± 0.4243 | 1/2 |" in md
