@@ -382,8 +382,8 @@ def score_rows(ocd: Any, test: TensorDataset, store: Any, *, num_samples: int, b
         outs = torch.stack([ocd.forward_with_deltas(mix, d) for d in deltas])
         add(Row.OCD, outs[0], mix, src)
         add(Row.ensemble(num_samples), ensemble_waveforms(outs), mix, src)
-        if ocd.delta_scale != 1.0:
-            add(Row.OCD_UNCALIBRATED, ocd.forward_with_deltas(mix, raw[0]), mix, src)
+        # kept also when calibration left delta_scale at 1 (then it equals OCD), so every seed has the row
+        add(Row.OCD_UNCALIBRATED, ocd.forward_with_deltas(mix, raw[0]), mix, src)
         rho = ocd.head.scale_net(ocd.head.normalize(cond)).view(-1, *([1] * (raw[0].dim() - 1)))
         # the same Ω_0 at the mean training scale, uncalibrated like the row it ablates
         add(Row.NO_SCALE, ocd.forward_with_deltas(mix, raw[0] / rho * mean_scale), mix, src)
@@ -486,7 +486,8 @@ def run_seed(
 def _markdown(runs: list[dict], command: str) -> str:
     from .stats import fmt, mean_sd
 
-    labels = list(runs[0]["rows"])
+    labels = [k for k in runs[0]["rows"] if all(k in r["rows"] for r in runs)]
+    partial = [k for r in runs for k in r["rows"] if k not in labels]
     first = runs[0]
     lines = [
         f"# Speech separation (synthetic {first['sizes']['num_sources']}-source mixtures; stand-in for Libri5Mix)",
@@ -508,6 +509,9 @@ def _markdown(runs: list[dict], command: str) -> str:
         gain = f"{m:+.4f} ± {sd:.4f}" if len(gains) > 1 else f"{m:+.4f}"
         wins = sum(g > 1e-7 for g in gains)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {gain} | {wins}/{len(gains)} |")
+    for label in dict.fromkeys(partial):
+        seen = ", ".join(f"seed {r['seed']}: {r['rows'][label]['si_sdri']:.4f}" for r in runs if label in r["rows"])
+        lines.append(f"\n{label}, SI-SDRi (dB), only in some records: {seen}.")
     lines += ["", "| seed | delta_scale | cosine OCD→oracle | wall time (s) | data / base / OCD fit / scoring (s) |"]
     lines.append("|---|---|---|---|---|")
     for r in runs:

@@ -160,9 +160,12 @@ def test_benchmark_table_from_records(tmp_path):
             "wall_s": 10.0,
         }
 
-    (tmp_path / "speech.json").write_text(json.dumps([record(0, 3.0, 3.5), record(1, 4.0, 3.9)]))
+    runs = [record(0, 3.0, 3.5), record(1, 4.0, 3.9)]
+    runs[1]["rows"]["OCD at delta_scale 1"] = {"si_sdri": 4.25, "si_sdr": -1.75}  # a row only one seed has
+    (tmp_path / "speech.json").write_text(json.dumps(runs))
     main(["--render-only", "--out-dir", str(tmp_path)])
     md = (tmp_path / "speech.md").read_text()
     assert "`python -m benchmarks.task_speech --seeds 0 1`" in md
     # mean ± SD of the per-seed gains (+0.5, -0.1), and one seed of two above the base model
     assert "| OCD | 3.7000 ± 0.2828 | -2.3000 ± 0.2828 | +0.2000 ± 0.4243 | 1/2 |" in md
+    assert "OCD at delta_scale 1, SI-SDRi (dB), only in some records: seed 1: 4.2500." in md
