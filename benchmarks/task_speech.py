@@ -111,8 +111,9 @@ def synth_source(rng: np.random.Generator, n: int, sr: int = SAMPLE_RATE) -> np.
     """One synthetic "voice" of `n` samples, unit RMS (see the module docstring).
 
     The formant filter is applied in the source-filter way: each harmonic's amplitude is the gain of three
-    Lorentzian resonances (whose centres drift linearly over the clip) at that harmonic's frequency, which
-    is exact for a sum of harmonics and far cheaper than running time-varying filters.
+    Lorentzian resonances (whose centres drift linearly over the clip) at that harmonic's frequency. For
+    slowly changing pitch and resonances that is what running the time-varying filters would give, at a
+    fraction of the cost.
     """
     t = np.arange(n) / sr
     # pitch: a glide of up to half an octave either way, plus vibrato
@@ -160,7 +161,7 @@ def make_mixtures(num: int, num_sources: int, n: int, seed: int) -> TensorDatase
 
     Returns:
         TensorDataset(mixture [num, n], sources [num, n, num_sources]); each mixture has unit RMS and its
-        sources sum to it exactly.
+        sources sum to it (up to float32 rounding).
     """
     rng = np.random.default_rng(seed)
     srcs = np.empty((num, num_sources, n), dtype=np.float64)
