@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import warnings
 
 import torch
@@ -24,11 +26,19 @@ def make_train_scheduler(config: OCDConfig) -> DDPMScheduler:
 
 
 def make_sampling_scheduler(config: OCDConfig) -> DDIMScheduler:
+    """The DDIM scheduler of `config`: a shallow copy of one built once per setting (building one runs
+    diffusers' config machinery, a noticeable share of a batch-1 call); `set_timesteps` on the copy
+    rebinds its own timesteps and leaves the shared schedule tensors alone."""
+    return copy.copy(_sampling_scheduler(config.num_train_timesteps, config.beta_schedule, config.prediction_type))
+
+
+@functools.lru_cache(maxsize=16)
+def _sampling_scheduler(num_train_timesteps: int, beta_schedule: str, prediction_type: str) -> DDIMScheduler:
     # "trailing" spacing starts the 10 steps at t = T-1, i.e. from (almost) pure noise.
     return DDIMScheduler(
-        num_train_timesteps=config.num_train_timesteps,
-        beta_schedule=config.beta_schedule,
-        prediction_type=config.prediction_type,
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
         clip_sample=False,
         timestep_spacing="trailing",
     )
