@@ -252,3 +252,88 @@ def latency_markdown(meta: dict[str, Any], rec: Any, goal_cell: Callable[[dict],
         )
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------- op timings
+def op_timings(repeats: int = 21, batch: int = 64) -> list[tuple[str, str, float, float]]:
+    """(change, tensor, ms before, ms after) for each inference change, on the tensors of a LeNet5 fc2 head
+    (Ω₀ of 84×120 per sample; the U-Net's first-block activations, 32 channels × 84), timed interleaved."""
+    import copy
+    import statistics
+    import time
+
+    from ocd_hf.config import OCDConfig
+    from ocd_hf.denoiser import FastMish
+    from ocd_hf.health import all_finite
+    from ocd_hf.sampling import _sampling_scheduler, make_sampling_scheduler
+
+    g = torch.Generator().manual_seed(0)
+    omega = torch.randn(batch, 84, 120, generator=g)
+    act = torch.randn(batch, 32, 84, generator=g)
+    config = OCDConfig()
+    sched = make_sampling_scheduler(config)
+    sched.set_timesteps(1)
+    t = sched.timesteps[0]
+    fast = FastMish()
+    key = (config.num_train_timesteps, config.beta_schedule, config.prediction_type)
+    pairs = [
+        (
+            "Mish: torch's kernel -> FastMish",
+            f"{tuple(act.shape)}",
+            lambda: torch.nn.functional.mish(act),
+            lambda: fast(act),
+        ),
+        (
+            "finite check: isfinite().all() -> all_finite (aminmax)",
+            f"{tuple(omega.shape)}",
+            lambda: bool(torch.isfinite(omega).all()),
+            lambda: all_finite(omega),
+        ),
+        (
+            "last x0 step: DDIMScheduler.step -> the prediction itself",
+            f"{tuple(omega.shape)}",
+            lambda: sched.step(omega, t, omega, eta=0.0).prev_sample,
+            lambda: omega,
+        ),
+        (
+            "result: copy out of inference_mode -> none (no_grad)",
+            f"{tuple(omega.shape)}",
+            lambda: omega.clone(),
+            lambda: omega,
+        ),
+        (
+            "sampling scheduler: built per call -> cached, shallow copy",
+            "–",
+            lambda: _sampling_scheduler.__wrapped__(*key),
+            lambda: copy.copy(_sampling_scheduler(*key)),
+        ),
+    ]
+    out = []
+    with torch.no_grad():
+        for name, shape, before, after in pairs:
+            times: dict[str, list[float]] = {"a": [], "b": []}
+            before(), after()
+            for r in range(repeats):
+                for k, fn in (("a", before), ("b", after)) if r % 2 == 0 else (("b", after), ("a", before)):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t0)
+            out.append((name, shape, statistics.median(times["a"]) * 1e3, statistics.median(times["b"]) * 1e3))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m benchmarks.latency [--threads 1] [--repeats 21]`: the op timings table (markdown)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=main.__doc__)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=21)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print("| change | tensor | before ms | after ms | speed-up |\n|---|---|---|---|---|")
+    for name, shape, a, b in op_timings(args.repeats):
+        gain = f"{a / b:.1f}x" if b >= 0.005 else "(no work left)"
+        print(f"| {name} | {shape} | {a:.3f} | {b:.3f} | {gain} |")
+
+
+if __name__ == "__main__":
+    main()
