@@ -480,6 +480,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=128, help="SetFit tokens per text, as in examples/setfit_ocd.py")
     p.add_argument("--tasks", nargs="+", default=["lenet5", "mlp", "setfit"], choices=list(PAPER_GPU_BATCH1))
     p.add_argument("--collection-only", action="store_true", help="only section 1 (collection)")
+    p.add_argument("--skip-collection", action="store_true", help="sections 2-4 only (no collection timings)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.batch_sizes = 1, [64]
@@ -499,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     # targets' spread; the library warns about that on every call, which is noise here.
     warnings.filterwarnings("ignore", message="Sampled deltas have std", category=RuntimeWarning)
     rec = Recorder()
-    bench_collection(rec, args)
+    if not args.skip_collection:
+        bench_collection(rec, args)
     for name in [] if args.collection_only else args.tasks:
         bench_task(rec, name, args)
     meta = {
