@@ -24,7 +24,6 @@ import math
 from collections.abc import Iterator
 
 import torch
-from diffusers import UNet1DModel
 from torch import nn
 
 from .capture import Conditioning
@@ -103,6 +102,8 @@ class ConditionalUNet1D(nn.Module):
         mult = 2 ** (n - 1)
         self.length = length
         self.padded_length = int(math.ceil(length / mult) * mult)
+        from diffusers import UNet1DModel  # lazily: importing diffusers pulls in torch._dynamo
+
         self.unet = UNet1DModel(
             sample_size=self.padded_length,
             in_channels=channels,

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -180,6 +179,8 @@ def distill(
 
     before = error(student) if n_val else None
     train_idx = (~val).nonzero().squeeze(1)
+    from diffusers.optimization import get_cosine_schedule_with_warmup  # lazily: see training.train_head
+
     opt = torch.optim.AdamW(student.parameters(), lr=learning_rate, weight_decay=0.0)
     lr_sched = get_cosine_schedule_with_warmup(opt, min(50, num_steps // 10), num_steps)
     student.train()

@@ -5,17 +5,22 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from .capture import Conditioning
 from .config import OCDConfig
 from .denoiser import ConditionalUNet1D, null_condition
 from .modes import eval_mode
 
+if TYPE_CHECKING:  # diffusers is imported where it is used: it pulls in torch._dynamo
+    from diffusers import DDIMScheduler, DDPMScheduler
+
 
 def make_train_scheduler(config: OCDConfig) -> DDPMScheduler:
+    from diffusers import DDPMScheduler
+
     # clip_sample defaults to True in diffusers; Ω is not confined to [-1, 1].
     return DDPMScheduler(
         num_train_timesteps=config.num_train_timesteps,
@@ -34,6 +39,8 @@ def make_sampling_scheduler(config: OCDConfig) -> DDIMScheduler:
 
 @functools.lru_cache(maxsize=16)
 def _sampling_scheduler(num_train_timesteps: int, beta_schedule: str, prediction_type: str) -> DDIMScheduler:
+    from diffusers import DDIMScheduler
+
     # "trailing" spacing starts the 10 steps at t = T-1, i.e. from (almost) pure noise.
     return DDIMScheduler(
         num_train_timesteps=num_train_timesteps,
