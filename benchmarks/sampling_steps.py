@@ -1,12 +1,16 @@
 """How many denoiser passes does OCD need? DDIM steps vs a distilled one-pass student, and what each
-inference change buys, on the digits demo setting (LeNet on scikit-learn digits, layer fc2).
+inference change buys, on the digits demo setting (LeNet on scikit-learn digits, layer fc2) or on
+Fashion-MNIST (LeNet5, layer fc2; `--task fashion`).
 
-Per seed: train the base model on the demo's training split (the last 200 training images held out, as in
-`make demo`), collect deltas, train the head, then on the held-out digits report, for 1, 2, 3, 5 and 10
-DDIM steps and for the distilled student (`ocd.distill`): cross-entropy, accuracy, cosine of one draw to
-the oracle delta (3 Adam steps on the test label) and generation ms per sample. Heads are uncalibrated
-(delta_scale 1), so the rows compare the samplers and nothing else. "share of gain" is the row's CE gain
-over the base model divided by the 10-step teacher's.
+Per seed: train the base model (digits: the demo's training split, the last 200 training images held
+out, as in `make demo`; fashion: `benchmarks.tasks`' fashion_lenet5 recipe and split, of which
+`--fashion-train` images are collected and `--fashion-test` test images scored), collect deltas, train
+the head, then on the held-out images report, for 1, 2, 3, 5 and 10 DDIM steps and for each distilled
+student (`ocd.distill`; `--students`: "teacher", the default, a copy of the teacher; "half" a student
+of half its width; or widths such as 16,16,32): cross-entropy, accuracy, cosine of one draw to the oracle delta (3 Adam steps on the test
+label) and generation ms per sample. Heads are uncalibrated (delta_scale 1), so the rows compare the
+samplers and nothing else. "share of gain" is the row's CE gain over the base model divided by the
+10-step teacher's. The students of one seed learn from the same teacher bank (sampled once).
 
 A second table ("inference engineering") times the denoiser loop with one change at a time, interleaved:
 no_grad vs inference_mode, the condition embedding recomputed every step vs cached, the diffusers DDIM
@@ -16,6 +20,7 @@ With --cache-dir, base model, collection and heads are kept there and reused by 
 arguments. Threads are pinned (--threads, default 1).
 
 Run: python -m benchmarks.sampling_steps [--seeds 0 1 2] [--head-steps 1000] [--distill-steps 400]
+     python -m benchmarks.sampling_steps --task fashion --seeds 0 1 2 --head-steps 500 --no-engineering
      python -m benchmarks.sampling_steps --quick   (tiny head, a few seconds: a smoke test)
 """
 
@@ -49,23 +54,47 @@ from ocd_hf.trainer import OCDTrainer
 QUICK_HEAD = dict(block_out_channels=(16, 16, 32), cond_hidden_dim=16, scale_hidden_dim=16)
 
 
-def prepare(seed: int, head_steps: int, cache: Path, quick: bool) -> tuple[OCDWrapper, DeltaStore, TensorDataset]:
+def fashion_data(seed: int, args: Any) -> tuple[TensorDataset, TensorDataset, Any]:
+    """(train, test, base-model trainer) of the fashion_lenet5 task, cut to the sizes asked for."""
+    from .data import tensors_of
+    from .tasks import build_task
+
+    task = build_task("fashion_lenet5", seed, data_root=args.data_root, quick=args.quick)
+    n, m = (96, 64) if args.quick else (args.fashion_train, args.fashion_test)
+    train = TensorDataset(*(t[:n] for t in tensors_of(task.train)))
+    test = TensorDataset(*(t[:m] for t in tensors_of(task.test)))
+    return train, test, task.model
+
+
+def prepare(
+    seed: int, head_steps: int, cache: Path, quick: bool, args: Any
+) -> tuple[OCDWrapper, DeltaStore, TensorDataset]:
     """Base model, collection and trained head for one seed (reused from `cache` when there)."""
     torch.manual_seed(seed)
-    full_train, test = load_digits_split(seed)
-    x, y = full_train.tensors
-    train = TensorDataset(x[:-200], y[:-200])
-    if quick:
-        train, test = TensorDataset(*(t[:96] for t in train.tensors)), TensorDataset(*(t[:64] for t in test.tensors))
-    folder = cache / f"seed{seed}-head{head_steps}{'-quick' if quick else ''}"
+    folder = (
+        cache
+        / f"{'' if args.task == 'digits' else args.task + '-'}seed{seed}-head{head_steps}{'-quick' if quick else ''}"
+    )
     folder.mkdir(parents=True, exist_ok=True)
-    model = LeNetDigits()
-    if (folder / "base.safetensors").exists():
-        model.load_state_dict(load_file(str(folder / "base.safetensors")))
+    if args.task == "fashion":
+        train, test, model = fashion_data(seed, args)  # the recipe is seeded: the same base model every time
         model.eval()
     else:
-        train_base(model, train, epochs=3 if quick else 30, seed=seed)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "base.safetensors"))
+        full_train, test = load_digits_split(seed)
+        x, y = full_train.tensors
+        train = TensorDataset(x[:-200], y[:-200])
+        if quick:
+            train, test = (
+                TensorDataset(*(t[:96] for t in train.tensors)),
+                TensorDataset(*(t[:64] for t in test.tensors)),
+            )
+        model = LeNetDigits()
+        if (folder / "base.safetensors").exists():
+            model.load_state_dict(load_file(str(folder / "base.safetensors")))
+            model.eval()
+        else:
+            train_base(model, train, epochs=3 if quick else 30, seed=seed)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "base.safetensors"))
     config = QUICK_HEAD if quick else {}
     args = OCDTrainingArguments(
         num_train_steps=head_steps,
@@ -125,15 +154,22 @@ def score(ocd: OCDWrapper, x: torch.Tensor, y: torch.Tensor, oracle: torch.Tenso
     }
 
 
-def sampler_rows(ocd: OCDWrapper, test: TensorDataset, seed: int, repeats: int, batch: int) -> dict[str, dict]:
-    """One row per DDIM step count (and the distilled student when the head has one)."""
+def use_student(ocd: OCDWrapper, student: tuple[Any, dict]) -> None:
+    """Put one of the distilled students (module, record) on the head."""
+    ocd.head.student, ocd.state.distillation = student
+    ocd.config = ocd.config.replace(sampler="distilled")
+
+
+def sampler_rows(
+    ocd: OCDWrapper, test: TensorDataset, seed: int, repeats: int, batch: int, students: dict[str, tuple]
+) -> dict[str, dict]:
+    """One row per DDIM step count and one per distilled student."""
     x, y = test.tensors
     oracle = overfit_batch(ocd.module, ocd.layer, x, y, cross_entropy).delta
     base = torch.nn.functional.cross_entropy(ocd.module(x), y).item()
     base_acc = (ocd.module(x).argmax(-1) == y).float().mean().item()
-    configs = {f"DDIM {k}": ocd.config.replace(num_inference_steps=k, sampler="ddim") for k in STEPS}
-    if ocd.head.student is not None:
-        configs["distilled"] = ocd.config.replace(sampler="distilled")
+    configs: dict[str, Any] = {f"DDIM {k}": ocd.config.replace(num_inference_steps=k, sampler="ddim") for k in STEPS}
+    configs.update(students)
     keep = ocd.config
     nan = float("nan")
     rows: dict[str, dict] = {
@@ -141,12 +177,19 @@ def sampler_rows(ocd: OCDWrapper, test: TensorDataset, seed: int, repeats: int, 
     }
     cond_b, _ = ocd.conditioning(x[:batch])
     gens = {}
+
+    def use(cfg: Any) -> None:
+        if isinstance(cfg, tuple):
+            use_student(ocd, cfg)
+        else:
+            ocd.config = cfg
+
     for name, cfg in configs.items():
-        ocd.config = cfg
+        use(cfg)
         rows[name] = score(ocd, x, y, oracle, seed)
 
         def gen(cfg=cfg):
-            ocd.config = cfg
+            use(cfg)
             ocd.generate_deltas(cond_b, 1, torch.Generator().manual_seed(0))
 
         gens[name] = gen
@@ -229,17 +272,20 @@ def engineering(ocd: OCDWrapper, x: torch.Tensor, repeats: int, draws: int) -> l
     return out
 
 
-def latency(ocd: OCDWrapper, x: torch.Tensor, repeats: int) -> dict[str, float]:
+def latency(ocd: OCDWrapper, x: torch.Tensor, repeats: int, students: dict[str, tuple]) -> dict[str, float]:
     """Median seconds of the base model and of `ocd(x)` with each sampler, interleaved."""
-    ddim, dist = ocd.config.replace(sampler="ddim"), ocd.config.replace(sampler="distilled")
+    ddim = ocd.config.replace(sampler="ddim")
 
     def run(cfg: Any) -> None:
-        ocd.config = cfg
+        if isinstance(cfg, tuple):
+            use_student(ocd, cfg)
+        else:
+            ocd.config = cfg
         ocd(x, generator=torch.Generator().manual_seed(0))
 
     fns = {"base": lambda: ocd.module(x), "OCD, DDIM 10": lambda: run(ddim)}
-    if ocd.head.student is not None:
-        fns["OCD, distilled"] = lambda: run(dist)
+    for name, student in students.items():
+        fns[f"OCD, {name}"] = lambda student=student: run(student)
     keep = ocd.config
     with torch.no_grad():
         t = measure_group(fns, repeats)
@@ -267,6 +313,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draws", type=int, default=5, help="ensemble size in the engineering table")
     p.add_argument("--cache-dir", default=None, help="keep base models, collections and heads here")
     p.add_argument("--quick", action="store_true", help="tiny head, few steps: a smoke test (< 1 min)")
+    p.add_argument("--task", choices=["digits", "fashion"], default="digits")
+    p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    p.add_argument("--fashion-train", type=int, default=2000, help="fashion: training images collected")
+    p.add_argument("--fashion-test", type=int, default=1000, help="fashion: test images scored")
+    p.add_argument(
+        "--students", nargs="+", default=["teacher", "half"], help="distill's student_channels, one row each"
+    )
+    p.add_argument("--no-engineering", action="store_true", help="skip the inference-engineering timings")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sampled deltas have std")  # the spread is a column instead
@@ -282,28 +336,77 @@ def main(argv: list[str] | None = None) -> None:
         cache = Path(args.cache_dir or tmp)
         per_seed, records, engineering_rows, latencies = [], [], None, {}
         for seed in args.seeds:
-            ocd, store, test = prepare(seed, args.head_steps, cache, args.quick)
-            t0 = time.perf_counter()
-            record = ocd.distill(store, seed=seed, progress=False, **distill_kwargs)
-            record["seconds"] = time.perf_counter() - t0
-            records.append(record)
-            print(f"seed {seed}: distilled in {record['seconds']:.0f}s ({record})", flush=True)
-            rows = sampler_rows(ocd, test, seed, args.repeats, args.batch)
+            ocd, store, test = prepare(seed, args.head_steps, cache, args.quick, args)
+            students, seed_records = {}, {}
+            with shared_teacher_bank():
+                for choice in args.students:
+                    t0 = time.perf_counter()
+                    record = ocd.distill(
+                        store, student_channels=parse_channels(choice), seed=seed, progress=False, **distill_kwargs
+                    )
+                    record["seconds"] = time.perf_counter() - t0
+                    name = student_row(choice, record)
+                    students[name], seed_records[name] = (ocd.head.student, record), record
+                    print(f"seed {seed}: {name} distilled in {record['seconds']:.0f}s ({record})", flush=True)
+            records.append(seed_records)
+            rows = sampler_rows(ocd, test, seed, args.repeats, args.batch, students)
             per_seed.append(rows)
             for name, r in rows.items():
                 print(f"  seed {seed} | {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()), flush=True)
-            if engineering_rows is None:  # timings on the first seed's head only
+            if not latencies:  # timings on the first seed's head only
                 x = test.tensors[0]
-                engineering_rows = engineering(ocd, x[: args.batch], args.repeats, args.draws)
+                if not args.no_engineering:
+                    engineering_rows = engineering(ocd, x[: args.batch], args.repeats, args.draws)
                 for b in (1, args.batch):
-                    latencies[b] = latency(ocd, x[:b], args.repeats)
+                    latencies[b] = latency(ocd, x[:b], args.repeats, students)
     print(report(args, per_seed, records, engineering_rows, latencies))
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
 
 
-def report(args: Any, per_seed: list[dict], records: list[dict], eng: list, latencies: dict) -> str:
+def parse_channels(choice: str) -> str | tuple[int, ...]:
+    """--students item: "teacher", "half", or widths like "16,16,32"."""
+    return choice if choice in ("teacher", "half") else tuple(int(c) for c in choice.split(","))
+
+
+def student_row(choice: str, record: dict) -> str:
+    """Row name of a student: "distilled" for the default one, else its size."""
+    if choice == "teacher":
+        return "distilled"
+    return f"distilled, {record['student_channels']}"
+
+
+@contextlib.contextmanager
+def shared_teacher_bank():
+    """Within the block, `distill` samples the teacher once per head and seed: every student of a seed
+    learns from the same bank (the generator is left where a fresh sampling would leave it)."""
+    from ocd_hf import distillation
+
+    original, banks = distillation.teacher_bank, {}
+
+    def cached(head, config, cond, num_draws, generator, **kw):
+        key = (
+            id(head),
+            num_draws,
+            tuple(cond.layer_input.shape),
+            float(cond.layer_input.sum()),
+            generator.initial_seed(),
+        )
+        if key not in banks:
+            banks[key] = (original(head, config, cond, num_draws, generator, **kw), generator.get_state())
+        bank, state = banks[key]
+        generator.set_state(state)
+        return bank
+
+    distillation.teacher_bank = cached
+    try:
+        yield
+    finally:
+        distillation.teacher_bank = original
+
+
+def report(args: Any, per_seed: list[dict], records: list[dict], eng: list | None, latencies: dict) -> str:
     seeds = " ".join(str(s) for s in args.seeds)
-    cmd = f"python -m benchmarks.sampling_steps --seeds {seeds} --head-steps {args.head_steps}"
+    cmd = f"python -m benchmarks.sampling_steps --task {args.task} --seeds {seeds} --head-steps {args.head_steps}"
     lines = [
         f"`{cmd}{' --quick' if args.quick else ''}` (threads {args.threads}; {len(per_seed)} seed(s), mean ± SD)",
         "",
@@ -320,36 +423,40 @@ def report(args: Any, per_seed: list[dict], records: list[dict], eng: list, late
         # shares are ratios of the means over seeds: one seed's gain can be ~0 or negative
         share = f"{statistics.mean(gain) / ten_gain:.2f}" if name != "base" and ten_gain else "–"
         cshare = f"{statistics.mean(col('cos')) / ten_cos:.2f}" if name != "base" and ten_cos else "–"
-        passes = {"base": "0", "distilled": "1"}.get(name, name.split()[-1])
+        passes = "0" if name == "base" else "1" if name.startswith("distilled") else name.split()[-1]
         speed = "–" if name == "base" else mean_sd([rows["DDIM 10"]["ms"] / rows[name]["ms"] for rows in per_seed], 1)
         lines.append(
             f"| {name} | {passes} | {mean_sd(col('ce'))} | {mean_sd(gain)} | {share} | {mean_sd(col('acc'))} | "
             f"{mean_sd(col('cos'))} | {cshare} | {mean_sd(col('spread'), 2)} | "
             f"{mean_sd(col('diversity'), 2)} | {mean_sd(col('ce_x5'))} | {mean_sd(col('ms'), 1)} | {speed} |"
         )
-    r = records[0]
-    lines += [
-        "",
-        f"Distillation: {r['method']} student, {r['num_steps']} steps, {r['num_inputs']} conditioning vectors × "
-        f"{r['num_draws']} teacher samples; {mean_sd([x['seconds'] for x in records], 0)} s; held-out MSE to the "
-        f"teacher's samples {mean_sd([x['heldout_mse_before'] for x in records])} (1-step teacher) -> "
-        f"{mean_sd([x['heldout_mse_after'] for x in records])} (student).",
-        "",
-        f"Inference engineering (seed {args.seeds[0]}, batch {args.batch}, 10 DDIM steps; medians of "
-        f"{args.repeats} interleaved repeats):",
-        "",
-        "| change | before ms | after ms | speed-up |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {n} | {1000 * a:.1f} | {1000 * b:.1f} | {a / b:.2f}x |" for n, a, b in eng]
-    lines += ["", "Latency of `ocd(x)` (one draw) against the base model:", ""]
-    lines += ["| batch | base ms | OCD, DDIM 10 ms (/base) | OCD, distilled ms (/base) |", "|---|---|---|---|"]
-    for b, t in latencies.items():
-        d = t.get("OCD, distilled", float("nan"))
+    lines.append("")
+    for name in records[0]:
+        rs = [seed_records[name] for seed_records in records]
+        r = rs[0]
         lines.append(
-            f"| {b} | {1000 * t['base']:.2f} | {1000 * t['OCD, DDIM 10']:.1f} ({t['OCD, DDIM 10'] / t['base']:.0f}x) "
-            f"| {1000 * d:.1f} ({d / t['base']:.0f}x) |"
+            f"Distillation, {name}: {r['method']} student, channels {r['student_channels'] or 'as the teacher'}, "
+            f"{r['num_steps']} steps, {r['num_inputs']} conditioning vectors × {r['num_draws']} teacher samples; "
+            f"{mean_sd([x['seconds'] for x in rs], 0)} s (the first student of a seed includes sampling the teacher); "
+            f"held-out MSE to the teacher's samples {mean_sd([x['heldout_mse_before'] for x in rs])} (untrained student) "
+            f"-> {mean_sd([x['heldout_mse_after'] for x in rs])}."
         )
+    if eng:
+        lines += [
+            "",
+            f"Inference engineering (seed {args.seeds[0]}, batch {args.batch}, 10 DDIM steps; medians of "
+            f"{args.repeats} interleaved repeats):",
+            "",
+            "| change | before ms | after ms | speed-up |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {n} | {1000 * a:.1f} | {1000 * b:.1f} | {a / b:.2f}x |" for n, a, b in eng]
+    lines += ["", "Latency of `ocd(x)` (one draw) against the base model (ms, and / base):", ""]
+    names = [k for k in next(iter(latencies.values())) if k != "base"]
+    lines += ["| batch | base ms | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for b, t in latencies.items():
+        cells = [f"{1000 * t[k]:.1f} ({t[k] / t['base']:.1f}x)" for k in names]
+        lines.append(f"| {b} | {1000 * t['base']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -5,10 +5,12 @@ compared are timed interleaved):
 1. Collection: vectorized `collect_deltas` / `overfit_batch` vs the official deepcopy-per-sample loop
    (`overfit_sequential`, timed on a subset: its cost per sample is constant), and vs one epoch of base
    training, on the digits LeNet and LeNet5 (Fashion-MNIST shapes), layer fc2. Goals: >= 30x, <= 4x.
-2. Batched OCD inference: one call on a batch vs as many one-by-one calls. Goal >= 10x.
-3. OCD vs base latency at batch 1 and the batch size, for LeNet5, the California-housing MLP and SetFit
-   (all-MiniLM-L6-v2, raw text in). Goal OCD/base <= 2x for SetFit at batch 32; the paper's GPU batch-1
-   ratios (Tab. 8) are printed beside ours.
+2. Batched OCD inference: one call on a batch of 32 vs 32 one-by-one calls. Goal >= 10x.
+3. OCD vs base latency at batch 1, 32 and 64, for LeNet5, the California-housing MLP and SetFit
+   (all-MiniLM-L6-v2, raw text in), for three samplers: 10 DDIM steps, the shipped default (`distill`:
+   a student of the teacher's size) and a half-width student; benchmarks/latency.py.
+   Goals: OCD/base <= 20x for LeNet5 at batch 64 and <= 2x for SetFit at batch 32; the paper's GPU
+   batch-1 ratios (Tab. 8) are printed beside ours.
 4. Denoiser training steps/s with the default head config, per task.
 
 Inputs are random tensors (synthetic sentences for SetFit) of the real data's shapes and base weights
@@ -51,6 +53,7 @@ from ocd_hf.integrations import TorchAdapter
 from ocd_hf.losses import cross_entropy
 from ocd_hf.overfit import overfit_batch, overfit_sequential
 
+from . import latency
 from .models import MLP, LeNet5
 from .tables import atomic_write, markdown_table
 
@@ -61,8 +64,6 @@ COMMAND = "python -m benchmarks.speed"
 PAPER_GPU_BATCH1 = {"lenet5": 19.0, "mlp": 4.7, "setfit": 3.2}
 GOAL_COLLECT_SPEEDUP = 30.0
 GOAL_COLLECT_VS_EPOCH = 4.0
-GOAL_BATCHED_SPEEDUP = 10.0
-GOAL_SETFIT_RATIO = 2.0
 WORDS = (
     "the dress fits well but the fabric feels thin and the color is lighter than in the photo i ordered "
     "my usual size and it runs a little small in the shoulders so i would size up love the pattern and "
@@ -314,7 +315,7 @@ def timing_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     task's shapes: what the timings need, unlike `benchmarks.tasks.build_task`, which trains a real task."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(2)
-    n, b = args.head_samples, args.batch
+    n, b = args.head_samples, max([args.batch, *args.batches])
     if name == "lenet5":
         model = LeNet5().eval()
         train = TensorDataset(torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
@@ -370,7 +371,6 @@ def bench_task(rec: Recorder, name: str, args: argparse.Namespace) -> None:
     task = timing_setup(name, args)
     label = task["label"]
     ocd = OCDWrapper.from_pretrained(task["model"], layer=task["layer"])
-    adapter, module = ocd.adapter, ocd.module
     print(
         f"{label}: layer {ocd.config.layer} {tuple(ocd.layer.weight.shape)} (built in {time.perf_counter() - t0:.1f}s)",
         flush=True,
@@ -403,89 +403,10 @@ def bench_task(rec: Recorder, name: str, args: argparse.Namespace) -> None:
             train_batch_size=min(OCDTrainingArguments().train_batch_size, len(store)),
             block_out_channels=list(ocd.config.block_out_channels),
         )
+        samplers = latency.add_samplers(ocd, store)  # the students learn from the collection
 
-    # ---- inputs: tensors, or raw strings tokenized by the adapter inside every timed call
-    inputs = task["inputs"]
-    b = len(inputs)
-    prepare = adapter.prepare_inputs if name == "setfit" else (lambda v: v)
-    one = [inputs[i : i + 1] for i in range(b)]
-    module.eval()
-
-    @torch.no_grad()
-    def base(v: Any) -> torch.Tensor:
-        return adapter.forward(module, prepare(v))
-
-    def ocd_call(v: Any) -> torch.Tensor:
-        return ocd(prepare(v), num_samples=1)
-
-    reps = args.repeats
-    fns: dict[str, Callable[[], Any]] = {
-        "base": lambda: base(inputs),
-        "ocd": lambda: ocd_call(inputs),
-        "base 1": lambda: [base(v) for v in one],
-        "ocd 1": lambda: [ocd_call(v) for v in one],
-    }
-    if name == "setfit":
-        # SetFit's own path (encode, then scikit-learn's predict_proba): a second reference for "base".
-        fns["setfit"] = lambda: task["model"].predict_proba(inputs)
-    times = measure_group(fns, reps)
-    base_b = rec.row("inference", label, f"base, batch {b}", times["base"], batch=b)
-    ocd_b = rec.row("inference", label, f"OCD, batch {b}", times["ocd"], batch=b)
-    base_1 = rec.row("inference", label, f"base, {b} one-by-one calls", times["base 1"], per=b, batch=1)
-    ocd_1 = rec.row("inference", label, f"OCD, {b} one-by-one calls", times["ocd 1"], per=b, batch=1)
-    if name == "setfit":
-        rec.row("inference", label, f"SetFitModel.predict_proba, batch {b}", times["setfit"], batch=b)
-
-    r = ocd_1 * b / ocd_b
-    rec.compare(
-        "batched",
-        label,
-        f"{b} one-by-one OCD calls / one call on a batch of {b}",
-        r,
-        f">= {GOAL_BATCHED_SPEEDUP:g}x",
-        r >= GOAL_BATCHED_SPEEDUP,
-        batch=b,
-    )
-    paper = PAPER_GPU_BATCH1[name]
-    rec.compare(
-        "latency",
-        label,
-        "OCD / base, batch 1",
-        ocd_1 / base_1,
-        batch=1,
-        paper_gpu_batch1=paper,
-        base_s=base_1,
-        ocd_s=ocd_1,
-        key=name,
-    )
-    goal = name == "setfit" and b == 32
-    r = ocd_b / base_b
-    rec.compare(
-        "latency",
-        label,
-        f"OCD / base, batch {b}",
-        r,
-        f"<= {GOAL_SETFIT_RATIO:g}x" if goal else None,
-        (r <= GOAL_SETFIT_RATIO) if goal else None,
-        batch=b,
-        base_s=base_b,
-        ocd_s=ocd_b,
-        key=name,
-    )
-
-    # ---- where OCD's time goes: unmodified forward for I(x), DDIM sampling, forward with W + Δ
-    for v, bb in ((inputs, b), (one[0], 1)):
-        feats = prepare(v)
-        cond, _ = ocd.conditioning(feats)
-        delta = ocd.generate_deltas(cond)[0]
-        parts = {
-            "tokenize / prepare inputs": lambda: prepare(v),
-            "conditioning forward": lambda: ocd.conditioning(feats),
-            f"DDIM sampling ({ocd.config.num_inference_steps} steps) + scale net": lambda: ocd.generate_deltas(cond),
-            "forward with W + delta": lambda: ocd.forward_with_deltas(feats, delta),
-        }
-        for part, t in measure_group(parts, reps).items():
-            rec.row("breakdown", label, f"{part}, batch {bb}", t, batch=bb)
+    # ---- 2 and 3. batched vs one-by-one, OCD vs base, for every sampler (benchmarks.latency)
+    latency.bench_inference(rec, name, task, ocd, samplers, args, measure_group, PAPER_GPU_BATCH1[name])
     print(f"{label}: done in {time.perf_counter() - t0:.1f}s", flush=True)
 
 
@@ -541,95 +462,7 @@ def to_markdown(meta: dict[str, Any], rec: Recorder) -> str:
         ),
     ]
 
-    out += ["", "### 2. Batched OCD inference", ""]
-    out.append(
-        markdown_table(
-            ["task", "comparison", "ratio", "goal", "goal met"],
-            [[c["task"], c["name"], f"{c['ratio']:.1f}x", c["goal"], goal_cell(c)] for c in cby("batched")],
-        )
-    )
-
-    out += [
-        "",
-        "### 3. OCD vs base latency",
-        "",
-        "Batch 1 = the median of one-by-one calls over the batch, divided by its size. `ocd(x, num_samples=1)`: "
-        "an unmodified forward for I(x), 10 DDIM steps, a forward with W + Δ. SetFit takes raw strings, "
-        "tokenized inside each timed call, for base and OCD alike. The paper's ratios are on a GPU.",
-        "",
-    ]
-    lat = []
-    for c in cby("latency"):
-        paper = f"{PAPER_GPU_BATCH1[c['key']]:g}x" if c["batch"] == 1 else "—"
-        lat.append(
-            [
-                c["task"],
-                str(c["batch"]),
-                ms(c["base_s"]),
-                ms(c["ocd_s"]),
-                f"{c['ratio']:.1f}x",
-                paper,
-                c["goal"] or "—",
-                goal_cell(c),
-            ]
-        )
-    out.append(
-        markdown_table(
-            ["task", "batch", "base (ms)", "OCD (ms)", "OCD / base", "paper, GPU (Tab. 8)", "goal", "goal met"], lat
-        )
-    )
-    extra = [r for r in by("inference") if "predict_proba" in r["name"]]
-    if extra:
-        out += [
-            "",
-            "For reference, SetFit's own `predict_proba` (encode, then scikit-learn) on the same batch: "
-            + ", ".join(f"{ms(r['median_s'])} ms ({r['name']})" for r in extra)
-            + ".",
-        ]
-    out += ["", "Where OCD's time goes (ms):", ""]
-    brk = []
-    for task in dict.fromkeys(r["task"] for r in by("breakdown")):
-        for bb in sorted({r["batch"] for r in by("breakdown") if r["task"] == task}, reverse=True):
-            parts = [r for r in by("breakdown") if r["task"] == task and r["batch"] == bb]
-            brk.append([task, str(bb)] + [ms(r["median_s"]) for r in parts])
-    out.append(
-        markdown_table(
-            [
-                "task",
-                "batch",
-                "prepare inputs",
-                "conditioning forward",
-                "DDIM 10 steps + scale net",
-                "forward with W + Δ",
-            ],
-            brk,
-        )
-    )
-
-    for task in dict.fromkeys(r["task"] for r in by("breakdown") if r["task"].startswith("SetFit")):
-        part = {
-            r["name"].rsplit(",", 1)[0]: r["median_s"]
-            for r in by("breakdown")
-            if r["task"] == task and r["batch"] == meta["inference_batch"]
-        }
-        base = next(
-            r["median_s"]
-            for r in by("inference")
-            if r["task"] == task and r["name"] == f"base, batch {meta['inference_batch']}"
-        )
-        cond, again = part["conditioning forward"], part["forward with W + delta"]
-        whole = next(
-            r["median_s"]
-            for r in by("inference")
-            if r["task"] == task and r["name"] == f"OCD, batch {meta['inference_batch']}"
-        )
-        out += [
-            "",
-            f"SetFit at batch {meta['inference_batch']}: timed alone, the conditioning forward costs {ms(cond)} ms "
-            f"and a forward with W + Δ {ms(again)} ms. Inside one `ocd(x)` call the second pass reuses the sentence "
-            f"encoder's output (ocd_hf.prefix: only the head runs again), so the whole call costs {ms(whole)} ms "
-            f"against {ms(base)} ms for one base call.",
-        ]
+    out += latency.latency_markdown(meta, rec, goal_cell, markdown_table)
     out += ["", "### 4. Denoiser training (default head config)", ""]
     out.append(
         markdown_table(
@@ -684,7 +517,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out-dir", default=str(ROOT / "docs" / "results"))
     p.add_argument("--quick", action="store_true", help="tiny sizes and repeats: a smoke test")
-    p.add_argument("--batch", type=int, default=32, help="inference batch size")
+    p.add_argument("--batch", type=int, default=32, help="inference batch of the one-by-one comparison")
+    p.add_argument("--batches", type=int, nargs="+", default=[32, 64], help="batch sizes of the latency timings")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256], help="collection batch sizes")
     p.add_argument("--digits-samples", type=int, default=1204, help="the digits demo's training set size")
     p.add_argument("--fashion-samples", type=int, default=2048)
@@ -695,11 +529,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=128, help="SetFit tokens per text, as in examples/setfit_ocd.py")
     p.add_argument("--tasks", nargs="+", default=["lenet5", "mlp", "setfit"], choices=list(PAPER_GPU_BATCH1))
     p.add_argument("--collection-only", action="store_true", help="only section 1 (collection)")
+    p.add_argument("--skip-collection", action="store_true", help="sections 2-4 only (no collection timings)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.batch_sizes = 1, [64]
         args.digits_samples, args.fashion_samples, args.sequential_samples = 128, 128, 4
-        args.head_samples, args.head_steps, args.batch = 16, 2, 8
+        args.head_samples, args.head_steps, args.batch, args.batches = 16, 2, 8, [8, 16]
     return args
 
 
@@ -714,7 +549,8 @@ def main(argv: list[str] | None = None) -> None:
     # targets' spread; the library warns about that on every call, which is noise here.
     warnings.filterwarnings("ignore", message="Sampled deltas have std", category=RuntimeWarning)
     rec = Recorder()
-    bench_collection(rec, args)
+    if not args.skip_collection:
+        bench_collection(rec, args)
     for name in [] if args.collection_only else args.tasks:
         bench_task(rec, name, args)
     meta = {

@@ -58,7 +58,8 @@ def test_distill_switches_sampler_and_records_the_run(distilled):
     assert record["heldout_mse_before"] >= 0 and record["heldout_mse_after"] >= 0
     out = ocd(x, generator=torch.Generator().manual_seed(3))
     assert out.shape == teacher.shape and not torch.equal(out, teacher)
-    # the student is a trained copy: the teacher's weights are untouched
+    # the default student is a trained copy: the teacher's weights are untouched
+    assert record["student_channels"] is None
     s, t = ocd.head.student.state_dict(), ocd.head.denoiser.state_dict()
     assert s.keys() == t.keys() and any(not torch.equal(s[k], t[k]) for k in s)
     ocd.config = ocd.config.replace(sampler="ddim")
@@ -106,6 +107,48 @@ def test_save_load_identical_outputs(distilled, tmp_path):
         )
     finally:
         ocd.config = ocd.config.replace(sampler="distilled")
+
+
+def test_student_sizes_round_trip_bit_for_bit(tmp_path):
+    """Students narrower than the teacher save and load to the same tensors and outputs."""
+    ocd, model = _fit()
+    assert ocd.head.config.block_out_channels == (16, 16, 32)
+    x = _data(5, seed=4).tensors[0]
+    for choice, expected in (("half", [8, 8, 16]), ((8, 16), [8, 16])):
+        record = ocd.distill(_data(), student_channels=choice, **DISTILL)
+        assert record["student_channels"] == expected
+        folder = tmp_path / str(expected)
+        ocd.save_pretrained(folder)
+        loaded = OCDWrapper.from_pretrained(model, folder)
+        assert list(loaded.head.student.unet.config.block_out_channels) == expected
+        a, b = ocd.head.student.state_dict(), loaded.head.student.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+        assert torch.equal(ocd(x, num_samples=2, generator=g()), loaded(x, num_samples=2, generator=g()))
+
+
+def test_format_3_distilled_head_still_loads(tmp_path):
+    """Heads distilled before students had their own size (format 3, no student_channels) load as before."""
+    ocd, model = _fit()
+    ocd.distill(_data(), **DISTILL)
+    ocd.save_pretrained(tmp_path / "h")
+    state_path = tmp_path / "h" / "ocd_state.json"
+    state = json.loads(state_path.read_text())
+    state["format_version"] = 3
+    del state["fitted"]["distillation"]["student_channels"]
+    state_path.write_text(json.dumps(state))
+    loaded = OCDWrapper.from_pretrained(model, tmp_path / "h")
+    x = _data(3, seed=5).tensors[0]
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    assert torch.equal(ocd(x, generator=g()), loaded(x, generator=g()))
+
+
+@pytest.mark.parametrize("bad", [(12, 16), (), "small", (8, 0)])
+def test_bad_student_channels_name_the_fix(bad):
+    ocd, _ = _fit()
+    with pytest.raises(ValueError, match="student_channels=.*multiple of norm_num_groups=8"):
+        ocd.distill(_data(), student_channels=bad, **DISTILL)
+    assert ocd.head.student is None and ocd.config.sampler == "ddim"  # nothing changed
 
 
 def test_undistilled_head_saves_without_student(tmp_path):
@@ -219,3 +262,55 @@ def test_sampling_steps_benchmark_quick():
         assert row in out, row
     for change in ("inference_mode", "condition embedding once", "DDIMScheduler.step", "one denoiser batch"):
         assert change in out, change
+
+
+def test_fast_mish_matches_torch_mish():
+    """The denoiser's Mish outside autograd: torch's values to float rounding, incl. extremes, NaN and inf."""
+    from ocd_hf.denoiser import FastMish
+
+    x = torch.cat([torch.linspace(-60, 60, 10001), torch.tensor([0.0, -0.0, 1e30, -1e30, float("inf")])])
+    assert x.numel() >= FastMish.MIN_NUMEL
+    with torch.no_grad():
+        torch.testing.assert_close(FastMish()(x.clone()), torch.nn.functional.mish(x), atol=1e-6, rtol=1e-6)
+        nan = FastMish()(torch.tensor([float("nan"), float("-inf")]).repeat(FastMish.MIN_NUMEL))
+        assert torch.isnan(nan).all()  # as torch's: mish(-inf) = -inf·0
+    y = x[:10001].clone().requires_grad_()
+    assert torch.equal(FastMish()(y), torch.nn.functional.mish(y))  # with autograd: torch's own kernel
+    d = ConditionalUNet1D(OCDConfig(layer="x", **TINY_HEAD), shapes_for((6, 4)))
+    assert not any(type(m) is torch.nn.Mish for m in d.modules())
+
+
+@pytest.mark.parametrize(
+    ("steps", "prediction_type", "shortcut"),
+    [(1, "sample", True), (10, "sample", True), (7, "sample", False), (1, "epsilon", False)],
+)
+def test_last_step_shortcut_is_exact(steps, prediction_type, shortcut):
+    """The last DDIM step returns the x0 prediction itself only where the scheduler's update is exactly that."""
+    from ocd_hf.sampling import returns_prediction
+
+    torch.manual_seed(0)
+    config = OCDConfig(layer="x", **TINY_HEAD, prediction_type=prediction_type)
+    s = make_sampling_scheduler(config)
+    s.set_timesteps(steps)
+    assert returns_prediction(s) is shortcut
+    d = ConditionalUNet1D(config, shapes_for((6, 4))).eval()
+    g = torch.Generator().manual_seed(1)
+    c = Conditioning(torch.randn(3, 5, generator=g), torch.randn(3, 6, generator=g), torch.randn(3, 3, generator=g))
+    out = sample_omega(d, c, make_sampling_scheduler(config), steps, 1, torch.Generator().manual_seed(2))
+    x = torch.randn((3, 6, 4), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for t in s.timesteps:
+            x = s.step(d(x, t, c), t, x, eta=0.0).prev_sample
+    assert torch.equal(out[0], x)
+
+
+def test_all_finite_matches_isfinite():
+    from ocd_hf.health import all_finite
+
+    g = torch.Generator().manual_seed(0)
+    for bad in (None, float("nan"), float("inf"), float("-inf")):
+        for shape in ((5,), (3, 4, 7), (0, 3)):
+            t = torch.randn(shape, generator=g)
+            if bad is not None and t.numel():
+                t.view(-1)[int(torch.randint(0, t.numel(), (1,), generator=g))] = bad
+            assert all_finite(t) == bool(torch.isfinite(t).all()), (bad, shape)

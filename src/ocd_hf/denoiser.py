@@ -11,6 +11,10 @@ Classifier-free guidance: the null condition is the all-zeros *normalised* I(x) 
 Layout: the weight is viewed as a matrix [rows, cols] (conv kernels flattened per output channel).
 "rows": the rows are the sequence and the columns the channels; "cols": the transpose. The sequence is
 zero-padded to a multiple of 2^(n_blocks-1) and the padding is cropped from the prediction.
+
+Mish: the U-Net's residual blocks hard-code `nn.Mish`, whose CPU kernel is several times slower than the
+same function written with `exp` (docs/concepts.md, "Where the latency goes"). Outside autograd every Mish
+of the denoiser runs that formula (`FastMish`); training, which needs Mish's gradient, runs torch's own.
 """
 
 from __future__ import annotations
@@ -20,12 +24,37 @@ import math
 from collections.abc import Iterator
 
 import torch
-from diffusers import UNet1DModel
 from torch import nn
 
 from .capture import Conditioning
 from .config import OCDConfig, resolve_sizes
 from .state import HeadShapes
+
+
+class FastMish(nn.Mish):
+    """`nn.Mish` (same module, same state) that runs x·n/(n+2), n = eˣ(eˣ+2), when no gradient is recorded.
+
+    tanh(softplus(x)) = ((1+eˣ)² − 1) / ((1+eˣ)² + 1) = n/(n+2); x is clamped at 20 inside the exp, above
+    which n/(n+2) is 1 in float32 anyway. The result agrees with torch's Mish to float rounding. Small
+    tensors (under `MIN_NUMEL` numbers) keep torch's kernel: there one call beats the formula's five.
+    """
+
+    MIN_NUMEL = 4096
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() and x.requires_grad) or x.numel() < self.MIN_NUMEL:
+            return super().forward(x)
+        n = torch.exp(x.clamp(max=20.0))
+        n = n.mul_(n + 2.0)
+        return n.div_(n + 2.0).mul_(x)
+
+
+def use_fast_mish(module: nn.Module) -> None:
+    """Swap every `nn.Mish` inside `module` for a `FastMish` (no parameters: nothing else changes)."""
+    for child in list(module.modules()):
+        for key, sub in list(child.named_children()):
+            if type(sub) is nn.Mish:
+                setattr(child, key, FastMish())
 
 
 class ConditionEncoder(nn.Module):
@@ -73,6 +102,8 @@ class ConditionalUNet1D(nn.Module):
         mult = 2 ** (n - 1)
         self.length = length
         self.padded_length = int(math.ceil(length / mult) * mult)
+        from diffusers import UNet1DModel  # lazily: importing diffusers pulls in torch._dynamo
+
         self.unet = UNet1DModel(
             sample_size=self.padded_length,
             in_channels=channels,
@@ -101,6 +132,7 @@ class ConditionalUNet1D(nn.Module):
         self._cache: tuple[Conditioning, torch.Tensor] | None = None
         self._caching = False
         self.unet.time_mlp.register_forward_hook(self._add_condition)
+        use_fast_mish(self)
 
     def _add_condition(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if self._cond is None:

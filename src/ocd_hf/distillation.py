@@ -1,9 +1,11 @@
 """Distillation: a one-pass student that maps (noise z, I(x)) straight to the head's DDIM sample.
 
 The teacher is the head's denoiser sampled with `num_inference_steps` DDIM steps at the config's
-`guidance_scale`. The student is a copy of the teacher (the same diffusers `UNet1DModel` and encoders,
-starting from the teacher's weights) that is sampled as a 1-step DDIM from t = T-1: for the default
-x0-prediction that is the teacher's own first step, so training starts from the 1-step sampler. It is
+`guidance_scale`. The student is a denoiser of the same kind (a diffusers `UNet1DModel` and conditioning
+encoders) that is sampled as a 1-step DDIM from t = T-1. By default (`student_channels="teacher"`) it is a
+copy of the teacher, weights included: for the default x0-prediction its one pass is then the teacher's
+own first step, so training starts from the 1-step sampler. A narrower student (`"half"`, or explicit
+widths) costs less per pass but starts from random weights (docs/concepts.md has both measured). It is
 trained to regress the teacher's sample for the same noise and conditioning ("direct" distillation):
 a bank of `num_draws` noises per conditioning vector is sampled once with the teacher, then the student
 fits it with an MSE in Ω = Δ/ρ space. The scale net is untouched. Draws stay stochastic: the student's
@@ -19,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -96,10 +97,17 @@ def one_pass(student: torch.nn.Module, scheduler: Any, z: torch.Tensor, cond: Co
     return scheduler.step(student(z, t, cond), t, z, eta=0.0).prev_sample
 
 
+def student_width(channels: tuple[int, ...], norm_num_groups: int) -> tuple[int, ...]:
+    """The "half" student's `block_out_channels`: half the teacher's, rounded up to a multiple of the
+    GroupNorm groups."""
+    return tuple(max(1, -(-c // 2 // norm_num_groups)) * norm_num_groups for c in channels)
+
+
 def distill(
     ocd: Any,
     dataset: Any,
     *,
+    student_channels: tuple[int, ...] | str = "teacher",
     num_steps: int = 300,
     learning_rate: float = 3e-4,
     batch_size: int = 64,
@@ -115,6 +123,9 @@ def distill(
         ocd: A fitted `OCDWrapper`; its head gains a `student` and `ocd.state.distillation` records the run.
         dataset: Where the conditioning comes from: the collection the head was trained on (a `DeltaStore`),
             the training dataset, or any unlabelled-in-effect dataset of the same kind.
+        student_channels: The student U-Net's size: "teacher" (a copy of the teacher, weights included),
+            "half" (half the teacher's widths, `student_width`) or explicit `block_out_channels` (multiples
+            of `norm_num_groups`). A student of another size starts from random weights drawn with `seed`.
         num_steps: Optimizer steps of the student.
         learning_rate: AdamW learning rate (cosine schedule with warm-up).
         batch_size: Teacher samples per step.
@@ -125,11 +136,12 @@ def distill(
         progress: Show progress bars.
 
     Returns:
-        The distillation record (also in `ocd.state.distillation`): method, teacher steps, guidance scale,
-        sizes, and the held-out MSE to the teacher's samples before (the teacher's 1-step sampler) and after.
+        The distillation record (also in `ocd.state.distillation`): method, the student's channels (None
+        for a copy of the teacher), teacher steps, guidance scale, sizes, and the held-out MSE to the teacher's samples before (the teacher's 1-step sampler) and after.
     """
     head = ocd.require_head()
     config = ocd.config.replace(sampler="ddim")  # the teacher is always the diffusion model
+    channels = resolve_student_channels(student_channels, head.config)
     if dataset is None:
         raise ValueError(
             "distill needs conditioning to learn on: pass the DeltaStore the head was trained on "
@@ -146,7 +158,9 @@ def distill(
     val = rows < n_val
     normed = head.normalize(cond)
 
-    student = head.add_student(config.guidance_scale)
+    with torch.random.fork_rng(devices=[]):  # a new student's initial weights come from `seed`
+        torch.manual_seed(seed)
+        student = head.add_student(config.guidance_scale, channels)
     scheduler = make_sampling_scheduler(config)
     scheduler.set_timesteps(1, device=z.device)
 
@@ -165,6 +179,8 @@ def distill(
 
     before = error(student) if n_val else None
     train_idx = (~val).nonzero().squeeze(1)
+    from diffusers.optimization import get_cosine_schedule_with_warmup  # lazily: see training.train_head
+
     opt = torch.optim.AdamW(student.parameters(), lr=learning_rate, weight_decay=0.0)
     lr_sched = get_cosine_schedule_with_warmup(opt, min(50, num_steps // 10), num_steps)
     student.train()
@@ -183,6 +199,7 @@ def distill(
     student.eval()
     record = {
         "method": "direct",
+        "student_channels": None if channels is None else list(channels),
         "teacher_steps": config.num_inference_steps,
         "guidance_scale": config.guidance_scale,
         "num_steps": num_steps,
@@ -194,3 +211,19 @@ def distill(
     ocd.config = ocd.config.replace(sampler="distilled")
     ocd.state.distillation = record
     return record
+
+
+def resolve_student_channels(choice: tuple[int, ...] | list[int] | str, config: Any) -> tuple[int, ...] | None:
+    """`distill`'s `student_channels` as widths for `OCDHead.add_student` (None: copy the teacher)."""
+    if choice == "teacher":
+        return None
+    if choice == "half":
+        return student_width(tuple(config.block_out_channels), config.norm_num_groups)
+    channels = tuple(choice) if isinstance(choice, (tuple, list)) else None
+    g = config.norm_num_groups
+    if not channels or not all(isinstance(c, int) and c >= 1 and c % g == 0 for c in channels):
+        raise ValueError(
+            f"student_channels={choice!r}: give 'teacher', 'half' or a list of U-Net widths, each a multiple of "
+            f"norm_num_groups={g} (the teacher has {list(config.block_out_channels)})."
+        )
+    return channels

@@ -14,7 +14,8 @@ from torch import nn
 from .capture import Conditioning
 from .config import OCDConfig, resolve_sizes
 from .denoiser import ConditionalUNet1D, drop_condition
-from .health import SampleHealth, check_samples
+from .health import SampleHealth, all_finite, check_samples
+from .modes import eval_mode
 from .sampling import make_sampling_scheduler, sample_omega
 from .scale import ScaleNet
 from .state import HeadShapes
@@ -34,6 +35,7 @@ class OCDHead(nn.Module):
     def __init__(self, config: OCDConfig, shapes: HeadShapes):
         super().__init__()
         config = resolve_sizes(config, tuple(shapes.target_shape))
+        self.config, self.shapes = config, shapes  # what a student of another size is built from
         self.denoiser = ConditionalUNet1D(config, shapes)
         self.scale_net = ScaleNet(config, shapes)
         dims = {
@@ -50,9 +52,19 @@ class OCDHead(nn.Module):
         self.student: ConditionalUNet1D | None = None
         self.student_guidance: float | None = None
 
-    def add_student(self, guidance_scale: float) -> ConditionalUNet1D:
-        """A fresh copy of the denoiser as the one-pass student, imitating sampling at `guidance_scale`."""
-        self.student = copy.deepcopy(self.denoiser)
+    def add_student(self, guidance_scale: float, channels: tuple[int, ...] | None = None) -> ConditionalUNet1D:
+        """A one-pass student imitating sampling at `guidance_scale`.
+
+        Args:
+            guidance_scale: The guidance of the sampling it imitates.
+            channels: None: a copy of the denoiser, weights included. Else the U-Net's `block_out_channels`:
+                a new, randomly initialised denoiser of that width for the same shapes (its encoders
+                output that width; every other setting is the denoiser's).
+        """
+        if channels is None:
+            self.student = copy.deepcopy(self.denoiser)
+        else:
+            self.student = ConditionalUNet1D(self.config.replace(block_out_channels=tuple(channels)), self.shapes)
         self.student_guidance = float(guidance_scale)
         return self.student
 
@@ -134,18 +146,18 @@ class OCDHead(nn.Module):
         Returns [num_samples, B, *target_shape] deltas ([.., B, out] for a factored target). Raises on
         non-finite deltas; warns when the draws' spread leaves `target_std`'s range.
         """
-        self.eval()
         denoiser, steps, guidance = self.sampler_for(config)
         normed = self.normalize(cond)
         omega = sample_omega(
             denoiser, normed, make_sampling_scheduler(config), steps, num_samples, generator, guidance_scale=guidance
         )
         health = check_samples(omega, target_std)
-        scale = self.scale_net(normed) * delta_scale
+        with eval_mode(self.scale_net):  # sample_omega puts the denoiser in eval mode itself
+            scale = self.scale_net(normed) * delta_scale
         delta = omega * scale.view(1, -1, *([1] * (omega.dim() - 2)))
         if config.target == "factored":
             delta = delta.squeeze(-1)
-        if not torch.isfinite(delta).all():
+        if not all_finite(delta):
             raise FloatingPointError(
                 "The head's scale net gave non-finite deltas; it has likely diverged (retrain it with a lower "
                 "learning_rate)."

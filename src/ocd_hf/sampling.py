@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from .capture import Conditioning
 from .config import OCDConfig
 from .denoiser import ConditionalUNet1D, null_condition
 from .modes import eval_mode
 
+if TYPE_CHECKING:  # diffusers is imported where it is used: it pulls in torch._dynamo
+    from diffusers import DDIMScheduler, DDPMScheduler
+
 
 def make_train_scheduler(config: OCDConfig) -> DDPMScheduler:
+    from diffusers import DDPMScheduler
+
     # clip_sample defaults to True in diffusers; Ω is not confined to [-1, 1].
     return DDPMScheduler(
         num_train_timesteps=config.num_train_timesteps,
@@ -24,11 +31,21 @@ def make_train_scheduler(config: OCDConfig) -> DDPMScheduler:
 
 
 def make_sampling_scheduler(config: OCDConfig) -> DDIMScheduler:
+    """The DDIM scheduler of `config`: a shallow copy of one built once per setting (building one runs
+    diffusers' config machinery, a noticeable share of a batch-1 call); `set_timesteps` on the copy
+    rebinds its own timesteps and leaves the shared schedule tensors alone."""
+    return copy.copy(_sampling_scheduler(config.num_train_timesteps, config.beta_schedule, config.prediction_type))
+
+
+@functools.lru_cache(maxsize=16)
+def _sampling_scheduler(num_train_timesteps: int, beta_schedule: str, prediction_type: str) -> DDIMScheduler:
+    from diffusers import DDIMScheduler
+
     # "trailing" spacing starts the 10 steps at t = T-1, i.e. from (almost) pure noise.
     return DDIMScheduler(
-        num_train_timesteps=config.num_train_timesteps,
-        beta_schedule=config.beta_schedule,
-        prediction_type=config.prediction_type,
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
         clip_sample=False,
         timestep_spacing="trailing",
     )
@@ -60,7 +77,10 @@ def sample_omega(
 
     `cond` is the normalised I(x). All draws run as one batch, and the condition's embedding is computed
     once per call (not once per step). The denoiser is put in eval mode for the loop and its mode
-    restored. The loop runs under `torch.inference_mode`; the result is an ordinary tensor.
+    restored. The loop runs under `torch.no_grad` (not `inference_mode`, whose result would need a copy
+    before callers could use it in autograd). The last step of an x0-predicting denoiser lands on
+    alpha_cumprod = 1, where DDIM's update returns the prediction itself: it is returned without the
+    scheduler's arithmetic (`returns_prediction`).
 
     Classifier-free guidance: with `guidance_scale` w != 1 every step runs the conditional and the null
     (all-zeros normalised) condition in one doubled batch and uses uncond + w·(cond − uncond) — valid for
@@ -87,7 +107,8 @@ def sample_omega(
             stacklevel=2,
         )
     scheduler.set_timesteps(num_inference_steps, device=device)
-    with torch.inference_mode(), eval_mode(denoiser), denoiser.condition_cache():
+    last = scheduler.timesteps[-1] if returns_prediction(scheduler) else None
+    with torch.no_grad(), eval_mode(denoiser), denoiser.condition_cache():
         x = noise.to(device=device, dtype=dtype)
         rep = Conditioning(*(c.repeat(num_samples, 1) for c in cond))
         if guided:
@@ -98,6 +119,15 @@ def sample_omega(
                 pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
             else:
                 pred = denoiser(x, t, rep)
-            x = scheduler.step(pred, t, x, eta=0.0).prev_sample
-    # a copy made outside inference mode, so that callers may use the deltas in autograd
-    return x.reshape(num_samples, b, *denoiser.weight_shape).clone()
+            x = pred if last is not None and t == last else scheduler.step(pred, t, x, eta=0.0).prev_sample
+    return x.reshape(num_samples, b, *denoiser.weight_shape)
+
+
+def returns_prediction(scheduler: DDIMScheduler) -> bool:
+    """Whether the DDIM update of the last of the scheduler's timesteps is the denoiser's prediction itself.
+
+    It is when the denoiser predicts x0 and that step lands on the final alpha_cumprod of 1: then
+    prev = 1·x0 + 0·ε, the same numbers up to the sign of zeros.
+    """
+    prev = int(scheduler.timesteps[-1]) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    return scheduler.config.prediction_type == "sample" and prev < 0 and float(scheduler.final_alpha_cumprod) == 1.0

@@ -48,11 +48,15 @@ if TYPE_CHECKING:
 # The head and the sampling scheduler (hence diffusers) are imported only where a head is built or
 # saved, so reading a head's records (`ocd-hf info`) stays cheap.
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Keys each format version added (dotted for the state's sections, bare for config keys and the state's
 # top level); a folder of an older version may lack them. Every key saving writes is otherwise required,
 # so a new OCDConfig / state field needs a FORMAT_VERSION bump and an entry here.
-ADDED_IN_VERSION = {3: {"head_sha256", "provenance.model_fingerprint", "sampler", "fitted.distillation"}}
+ADDED_IN_VERSION = {
+    3: {"head_sha256", "provenance.model_fingerprint", "sampler", "fitted.distillation"},
+    # the student's own size (None: the denoiser's); older readers would build the wrong student
+    4: {"fitted.distillation.student_channels"},
+}
 HEAD_FILES = (CONFIG_NAME, STATE_NAME, HEAD_NAME, MODEL_CARD_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -491,7 +495,9 @@ def build_head(record: HeadRecord, state: dict[str, torch.Tensor], where: str) -
 
         head = OCDHead(record.config, record.shapes)
         if record.fitted.distillation is not None:  # a distilled head also stores its one-pass student
-            head.add_student(record.fitted.distillation.get("guidance_scale", 1.0))
+            d = record.fitted.distillation
+            # heads of format 3 have no "student_channels": their student is the denoiser's size
+            head.add_student(d.get("guidance_scale", 1.0), d.get("student_channels"))
     expected = head.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))

@@ -16,12 +16,11 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -35,6 +34,9 @@ from .sampling import make_train_scheduler, training_target
 from .scale import scale_loss
 from .serialization import fsync_path
 from .training_args import OCDTrainingArguments
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 _CKPT = re.compile(r"^step-(\d+)$")
 EMA_NAME = "ema.safetensors"
@@ -158,6 +160,11 @@ def train_head(
         hold eval_denoiser_loss, and the last record holds stopped_early=True when training stopped early.
     """
     output_dir, resume, checkpoint_every, progress = args.output_dir, args.resume, args.checkpoint_every, args.progress
+    # diffusers is imported where it is used: importing it pulls in torch._dynamo, which would make
+    # `import ocd_hf` slow for code that only runs a trained head
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
     accelerator = accelerator or Accelerator()
     torch.manual_seed(args.seed)
     head.set_statistics(RobustStatistics(store))  # outlier rows (named in a warning) are left out
