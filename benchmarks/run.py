@@ -5,7 +5,10 @@ Per run, on the task's own train / val / test split (`benchmarks.tasks`):
   "cross-fit collection" (K-fold out-of-fold deltas, base refit per fold), the selection's best other
   layer, and the ideas' variants (overfit budget, classifier-free guidance);
 - every head's delta_scale is calibrated on val (OCDWrapper.calibrate: 0 = switched off);
-- evaluation on test (`ocd_hf.evaluation.evaluate`) with all rows.
+- evaluation on test (`ocd_hf.evaluation.evaluate`) with all rows: the train-collection head also with
+  1, 2 and 10 DDIM steps; the predicted-label rival's cost per sample is in "extra"; for
+  classification, the margin diagnostic under the same labels ("margins": label -> correct / wrong ->
+  statistics).
 
 A run is a JSON-able record; its row labels are the evaluation's rows (`ocd_hf.evaluation.Row`) with
 the head they come from, built by the label functions below and nowhere else.
@@ -35,6 +38,7 @@ GUIDANCE = (1.0, 2.0, 4.0)
 ENSEMBLES = (1, 5, 10)
 GATES = (0.5, 0.7, 0.9, 0.99, 1.01)  # apply the delta only where the base model's max probability < τ
 NUM_SAMPLES = 5  # draws of the main evaluation's ensemble rows
+FEW_STEPS = (1, 2, 10)  # DDIM step counts of the main head's few-step rows (10: the configured count)
 
 # how a head's training deltas were collected
 TRAIN = "train collection"
@@ -59,6 +63,11 @@ def ocd_ensemble(collection: str, num_samples: int) -> str:
 
 def ocd_mean_weights(collection: str, num_samples: int) -> str:
     return f"{ocd(collection)} mean-weights x{num_samples}"
+
+
+def ocd_steps(collection: str, steps: int) -> str:
+    """One draw of the head collected `collection`-wise, sampled with `steps` DDIM steps."""
+    return f"{ocd(collection)}, {steps} DDIM steps"
 
 
 def control(row: str, collection: str) -> str:
@@ -163,6 +172,7 @@ def run_one(name: str, seed: int, settings: RunSettings) -> dict[str, Any]:
         "health": {},
         "calibration": {},
         "seconds": {},
+        "margins": {},
     }
     kw, train_kw = split_kwargs(task.ocd_kwargs)
     if settings.head_steps and not settings.quick:
@@ -203,6 +213,9 @@ def run_one(name: str, seed: int, settings: RunSettings) -> dict[str, Any]:
         for row, metrics in report.rows.items():
             if row in rename or not only_renamed:
                 rec["rows"][rename.get(row, row)] = metrics
+        for row, groups in report.margins.items():
+            if row in rename or not only_renamed:
+                rec["margins"][rename.get(row, row)] = groups
         for k, v in report.cosine_to_oracle.items():
             rec["cosine"][cosine_key(collection, k)] = v
         if report.health:
@@ -240,10 +253,11 @@ def run_one(name: str, seed: int, settings: RunSettings) -> dict[str, Any]:
             collection=store_tr,
             alternative=alt,
             oracle_all_layers=settings.all_layers_oracle,
+            inference_steps=FEW_STEPS,
             **ev,
         )
         rec["seconds"]["evaluation"] = time.perf_counter() - t
-        rename = head_rows(TRAIN, NUM_SAMPLES)
+        rename = head_rows(TRAIN, NUM_SAMPLES) | {Row.ddim_steps(n): ocd_steps(TRAIN, n) for n in FEW_STEPS}
         if alt_layer is not None:
             rename[Row.alternative(alt_layer)] = runner_up(alt_layer)
         add(rep, TRAIN, rename)

@@ -10,6 +10,7 @@ from torch.utils.data import TensorDataset
 from ocd_hf import OCDWrapper
 from ocd_hf.evaluation import Cosine, Row, compute_metrics, evaluate, expected_calibration_error, fit_temperature
 from ocd_hf.losses import cross_entropy
+from ocd_hf.margins import Group, MarginMeter, true_class_margin
 from ocd_hf.overfit import make_optimizer, overfit_all_layers, take
 
 
@@ -154,3 +155,19 @@ def test_evaluate_reports_every_row(tmp_path):
     assert r.rows["base"]["cross_entropy"] == pytest.approx(float(base_ce), rel=1e-5)
     assert r.rows["oracle, all layers (test label)"]["cross_entropy"] < r.rows["base"]["cross_entropy"]
     assert "| OCD on fc2 |" in r.to_markdown()
+
+
+def test_true_class_margin_and_the_meter_by_hand():
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.5, 3.0, 0.0], [1.0, 1.0, 4.0], [0.0, -2.0, 1.0]])
+    labels = torch.tensor([0, 0, 2, 1])
+    assert true_class_margin(logits, labels).tolist() == [1.0, -2.5, 3.0, -3.0]
+    meter = MarginMeter()
+    meter.add_base(logits, labels)  # correct: samples 0 and 2; wrong: 1 and 3
+    moved = logits.clone()
+    moved[:, 0] += torch.tensor([1.0, 2.0, 0.0, 0.5])
+    meter.add("m", moved, labels)
+    # changes: +1 (s0), +2 (s1: 2.5-3.0 = -0.5 vs -2.5), 0 (s2), 0 (s3: max other still 1.0)
+    r = meter.result()["m"]
+    assert r[Group.CORRECT] == {"n": 2, "base_margin": 2.0, "mean_change": 0.5, "se": pytest.approx(0.5)}
+    assert r[Group.WRONG] == {"n": 2, "base_margin": -2.75, "mean_change": 1.0, "se": pytest.approx(1.0)}
+    assert MarginMeter().result() == {}

@@ -15,6 +15,12 @@ Rows (each only when what it needs is given; their labels are the constants and 
 - few-step rows (`inference_steps`): one draw with that many DDIM steps, at the head's delta_scale.
 Metrics: cross-entropy, accuracy and ECE (15 bins) for classification; RMSE for regression. Also the
 mean cosine of each generated delta to the oracle's, and the sampled Ω_0's health.
+
+Margin diagnostic (classification, `EvaluationReport.margins`, computed by `ocd_hf.margins`): for the
+samples the base model classifies correctly and for those it gets wrong, separately, the mean change
+(± standard error over samples) in the true-class margin, the label's logit minus the largest other
+logit of the model's outputs, under OCD (one draw, at the head's delta_scale), the oracle and the
+predicted-label rival (uncalibrated and calibrated).
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ from .calibration import DEFAULT_GRID, choose_scale, grid_losses
 from .collection import DeltaStore
 from .ensemble import combine_draws
 from .losses import cross_entropy
+from .margins import Group, MarginMeter
 from .overfit import overfit_all_layers, overfit_batch
 from .prefix import reuse_prefix
 
 __all__ = [
     "Cosine",
     "EvaluationReport",
+    "Group",
     "Row",
     "compute_metrics",
     "evaluate",
@@ -125,6 +133,8 @@ class EvaluationReport:
     # sampled Ω_0 std against the training targets' (see ocd_hf.health)
     health: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # classification: row -> Group.CORRECT / Group.WRONG -> {"n", "base_margin", "mean_change", "se"}
+    margins: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def to_markdown(self) -> str:
         metrics = list(next(iter(self.rows.values())))
@@ -141,10 +151,21 @@ class EvaluationReport:
             lines.append(
                 f"Sampled Ω_0 std {self.health['omega_std']:.3f} vs training targets {self.health['target_std']:.3f}"
             )
+        if self.margins:
+            lines += ["", "Mean change in the true-class margin (± SE), by the base model's correctness:"]
+            for name, groups in self.margins.items():
+                lines.append(f"- {name}: " + "; ".join(f"{g} {_fmt_change(v)}" for g, v in groups.items()))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _fmt_change(stats: dict[str, Any]) -> str:
+    if stats["mean_change"] is None:
+        return "(n = 0)"
+    se = "" if stats["se"] is None else f" ± {stats['se']:.3f}"
+    return f"{stats['mean_change']:+.3f}{se} (n = {stats['n']})"
 
 
 class _Meter:
@@ -383,6 +404,7 @@ def evaluate(
         extra["predicted_label_calibration"] = record
         extra["predicted_label_delta_scale"] = rival_scale
     cos: dict[str, list[torch.Tensor]] = {}
+    margins = MarginMeter()
     omega_std = []
     seconds = {"predicted_label": 0.0, "ocd": 0.0}
     counted = [0]
@@ -408,9 +430,12 @@ def evaluate(
             False,
             c.target,
         ).delta
-        meter(Row.ORACLE).add(ocd.forward_with_deltas(inputs, oracle), targets)
+        oracle_out = ocd.forward_with_deltas(inputs, oracle)
+        meter(Row.ORACLE).add(oracle_out, targets)
         counted[0] += len(targets)
         if classify:
+            margins.add_base(base_out, targets)
+            margins.add(Row.ORACLE, oracle_out, targets)
             _sync(ocd.device)
             t0 = time.perf_counter()
             rival = predicted_label_deltas(ocd, inputs, base_out)
@@ -418,10 +443,12 @@ def evaluate(
             _sync(ocd.device)
             seconds["predicted_label"] += time.perf_counter() - t0
             meter(Row.PREDICTED_LABEL).add(rival_out, targets)
+            margins.add(Row.PREDICTED_LABEL, rival_out, targets)
             cos.setdefault(Cosine.PREDICTED_LABEL, []).append(_cosine(rival, oracle))
             if rival_scale is not None:
                 calibrated = base_out if rival_scale == 0 else ocd.forward_with_deltas(inputs, rival_scale * rival)
                 meter(Row.PREDICTED_LABEL_CALIBRATED).add(calibrated, targets)
+                margins.add(Row.PREDICTED_LABEL_CALIBRATED, calibrated, targets)
         _sync(ocd.device)
         t0 = time.perf_counter()
         # raw deltas, so that the uncalibrated row exists even at delta_scale 0
@@ -433,6 +460,8 @@ def evaluate(
         omega_std.append(ocd.last_health.omega_std)
         outs = torch.stack([ocd_first] + [ocd.forward_with_deltas(inputs, d) for d in deltas[1:]])
         meter(Row.OCD).add(outs[0], targets)
+        if classify:
+            margins.add(Row.OCD, outs[0], targets)
         meter(Row.ensemble(num_samples)).add(combine_draws(outs, task), targets)
         meter(Row.mean_weights(num_samples)).add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
         raw = raw_all[0]
@@ -509,4 +538,5 @@ def evaluate(
         cosine_to_oracle={k: float(torch.cat(v).mean()) for k, v in cos.items()},
         health=health,
         extra=extra,
+        margins=margins.result(),
     )
