@@ -151,13 +151,13 @@ def test_margin_diagnostic_matches_a_per_sample_loop(fitted):
             # OCD's first draw: the same generator and call as the evaluation's single batch
             cond, _ = ocd.conditioning(x)
             raw = ocd.generate_deltas(cond, 2, torch.Generator().manual_seed(3), delta_scale=1.0)[0]
-        ocd_out = []
+        ocd_out = {0.5: [], 1.0: []}
         for b in range(len(x)):
-            m = copy.deepcopy(ocd.module).eval()
-            with torch.no_grad():
-                m.fc1.weight += 0.5 * raw[b]
-                ocd_out.append(m(x[b : b + 1]))
-        ocd_out = torch.cat(ocd_out)
+            for scale, outs in ocd_out.items():
+                m = copy.deepcopy(ocd.module).eval()
+                with torch.no_grad():
+                    m.fc1.weight += scale * raw[b]
+                    outs.append(m(x[b : b + 1]))
     finally:
         ocd.delta_scale = old_scale
     with torch.no_grad():
@@ -167,7 +167,8 @@ def test_margin_diagnostic_matches_a_per_sample_loop(fitted):
     assert 0 < int(correct.sum()) < len(y)
     outs = {
         Row.ORACLE: _slow_outputs(ocd, x, y),
-        Row.OCD: ocd_out,
+        Row.OCD: torch.cat(ocd_out[0.5]),
+        Row.OCD_UNCALIBRATED: torch.cat(ocd_out[1.0]),
         Row.PREDICTED_LABEL: _slow_outputs(ocd, x, pred),
         Row.PREDICTED_LABEL_CALIBRATED: _slow_outputs(ocd, x, pred, r.extra["predicted_label_delta_scale"]),
     }

@@ -19,8 +19,8 @@ mean cosine of each generated delta to the oracle's, and the sampled Ω_0's heal
 Margin diagnostic (classification, `EvaluationReport.margins`, computed by `ocd_hf.margins`): for the
 samples the base model classifies correctly and for those it gets wrong, separately, the mean change
 (± standard error over samples) in the true-class margin, the label's logit minus the largest other
-logit of the model's outputs, under OCD (one draw, at the head's delta_scale), the oracle and the
-predicted-label rival (uncalibrated and calibrated).
+logit of the model's outputs, under OCD (one draw, at the head's delta_scale, and at delta_scale 1 when
+calibration changed it), the oracle and the predicted-label rival (uncalibrated and calibrated).
 """
 
 from __future__ import annotations
@@ -480,7 +480,10 @@ def evaluate(
             )
             meter(Row.ddim_steps(n)).add(ocd.forward_with_deltas(inputs, few), targets)
         if ocd.delta_scale != 1.0:
-            meter(Row.OCD_UNCALIBRATED).add(ocd.forward_with_deltas(inputs, raw), targets)
+            uncalibrated = ocd.forward_with_deltas(inputs, raw)
+            meter(Row.OCD_UNCALIBRATED).add(uncalibrated, targets)
+            if classify:
+                margins.add(Row.OCD_UNCALIBRATED, uncalibrated, targets)
         cos.setdefault(Cosine.OCD, []).append(_cosine(raw, oracle))
         if collection is not None:
             q = (cond.layer_input.float().cpu() - nn_mean) / nn_std
