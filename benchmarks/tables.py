@@ -415,7 +415,7 @@ def body_markdown(name: str, rs: list[dict], metrics: list[str], table: dict) ->
         "sentence-transformer body (the paper's kind of SetFit layer) instead of the classifier; its oracle and "
         "rival overfit this layer. Calibrated delta_scale per seed: "
         f"{[x['calibration'][run.BODY]['delta_scale'] for x in rs]}; head, calibration and evaluation "
-        f"{fmt(secs)} s per seed.",
+        f"{fmt(secs)} s per seed." + body_cost(rs),
         "",
         "| method | " + " | ".join(metrics) + " |",
         "|---|" + "---|" * len(metrics),
@@ -434,6 +434,18 @@ def body_markdown(name: str, rs: list[dict], metrics: list[str], table: dict) ->
         if run.body_row(row) in rows and other in rows
     ]
     return md + ["Verdicts (" + m + "):", ""] + [f"- {v}" for v in verdicts] + [""]
+
+
+def body_cost(rs: list[dict]) -> str:
+    """The body-layer evaluation's cost per test sample (rival and OCD), when the runs have it."""
+    keys = ("predicted_label_ms_per_sample", "ocd_ms_per_sample")
+    if not all(all(k in r["body"]["extra"] for k in keys) for r in rs):
+        return ""
+    rival, ocd = ([r["body"]["extra"][k] for r in rs] for k in keys)
+    return (
+        f" Per test sample: predicted-label rival {fmt(rival)} ms, OCD ({run.NUM_SAMPLES} draws + one forward) "
+        f"{fmt(ocd)} ms."
+    )
 
 
 def margins_markdown(name: str, rs: list[dict]) -> list[str]:
