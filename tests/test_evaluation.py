@@ -171,3 +171,53 @@ def test_true_class_margin_and_the_meter_by_hand():
     assert r[Group.CORRECT] == {"n": 2, "base_margin": 2.0, "mean_change": 0.5, "se": pytest.approx(0.5)}
     assert r[Group.WRONG] == {"n": 2, "base_margin": -2.75, "mean_change": 1.0, "se": pytest.approx(1.0)}
     assert MarginMeter().result() == {}
+
+
+def test_factored_head_on_a_padded_text_model_evaluates(tmp_path):
+    """The oracle and the rival of a factored Adam head choose their method by a one-sample probe; inside
+    the evaluation's prefix reuse that probe would meet the batch's recorded prefix (an error with padding)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from ocd_hf.overfit import overfit_batch
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=40,
+        max_position_embeddings=32,
+        num_labels=3,
+        pad_token_id=0,
+    )
+    model = BertForSequenceClassification(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": [2] + torch.randint(3, 50, (int(n),), generator=g).tolist(), "label": i % 3}
+        for i, n in enumerate(torch.randint(3, 12, (24,), generator=g))
+    ]
+    layer = "bert.encoder.layer.1.attention.output.dense"
+    ocd = OCDWrapper.from_pretrained(model, layer=layer, target="factored", **TINY_HEAD)
+    store = ocd.collect(rows[:12], "cross_entropy", batch_size=6, collect_dir=tmp_path / "c", progress=False)
+    ocd.train_head(store, num_train_steps=5, **TINY_TRAIN)
+    test = rows[18:]
+    r = evaluate(ocd, test, num_samples=1, validation=rows[12:18], batch_size=6, progress=False)
+    assert Row.PREDICTED_LABEL_CALIBRATED in r.rows and Row.ORACLE in r.margins
+    # the oracle row equals the oracle overfitted outside any prefix reuse
+    batch = ocd.adapter.collate_fn()(test)
+    inputs, labels = ocd.adapter.split_batch(batch)
+    c = ocd.config
+    oracle = overfit_batch(
+        ocd.module,
+        ocd.layer,
+        inputs,
+        labels,
+        cross_entropy,
+        ocd.adapter.forward,
+        c.overfit_steps,
+        c.overfit_lr,
+        target="factored",
+    ).delta
+    out = ocd.forward_with_deltas(inputs, oracle)
+    assert r.rows[Row.ORACLE]["cross_entropy"] == pytest.approx(float(cross_entropy(out, labels).mean()), rel=1e-5)

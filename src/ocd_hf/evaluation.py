@@ -40,7 +40,8 @@ from .collection import DeltaStore
 from .ensemble import combine_draws
 from .losses import cross_entropy
 from .margins import Group, MarginMeter
-from .overfit import overfit_all_layers, overfit_batch
+from .memory import overfit_method
+from .overfit import overfit_all_layers, overfit_batch, probe_layer
 from .prefix import reuse_prefix
 
 __all__ = [
@@ -292,7 +293,7 @@ class _KNN:
         self.k = min((k for k in grid if k <= len(self.ys)), key=loss)
 
 
-def predicted_label_deltas(ocd: Any, inputs: Any, base_out: torch.Tensor) -> torch.Tensor:
+def predicted_label_deltas(ocd: Any, inputs: Any, base_out: torch.Tensor, method: str | None = None) -> torch.Tensor:
     """The predicted-label rival's deltas: the oracle's overfitting steps toward `base_out.argmax(-1)`.
 
     On a sample the base model classifies correctly they are the oracle's deltas; no label is used.
@@ -301,6 +302,8 @@ def predicted_label_deltas(ocd: Any, inputs: Any, base_out: torch.Tensor) -> tor
         ocd: An `OCDWrapper` (its layer, loss and `overfit_*` settings are used).
         inputs: A batch of model inputs.
         base_out: The base model's logits on `inputs`.
+        method: `overfit_batch`'s method; give it (see `oracle_method`) when calling inside a
+            `reuse_prefix` block, where the one-sample probe that would choose it cannot run.
     """
     c = ocd.config
     with torch.enable_grad():
@@ -316,7 +319,29 @@ def predicted_label_deltas(ocd: Any, inputs: Any, base_out: torch.Tensor) -> tor
             c.overfit_optimizer,
             False,
             c.target,
+            method=method,
         ).delta
+
+
+def oracle_method(ocd: Any, dataset: Dataset) -> str | None:
+    """`overfit_batch`'s method for `ocd`'s layer and settings, probed on the first sample of `dataset`.
+
+    The probe is a one-sample forward, so it must run outside `reuse_prefix` (whose recorded prefix
+    belongs to a whole batch); the method depends only on the layer's input rank, the same for every
+    sample. None (let `overfit_batch` choose) when no probe is needed.
+
+    Args:
+        ocd: An `OCDWrapper`.
+        dataset: Data of the kind the model takes.
+    """
+    c = ocd.config
+    if not (c.target == "factored" and c.overfit_optimizer == "adam"):
+        return None
+    adapter = ocd.adapter
+    first = next(iter(DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=adapter.collate_fn())))
+    inputs, _ = adapter.split_batch(adapter.to_device(first, ocd.device))
+    probe = probe_layer(ocd.module, ocd.layer, inputs, adapter.forward)
+    return overfit_method(ocd.layer, c.overfit_optimizer, c.target, probe)
 
 
 def _calibration_rule(ocd: Any) -> tuple[tuple[float, ...], str, float]:
@@ -367,6 +392,7 @@ def evaluate(
         return rows.setdefault(name, _Meter(task))
 
     extra: dict[str, Any] = {"delta_scale": ocd.delta_scale}
+    method = oracle_method(ocd, dataset)
     temperature = knn = None
     # one pass over the validation set serves both the temperature and kNN's choice of k
     val_feats, val_out, val_y = _embed(ocd, validation, batch_size) if validation is not None else (None, None, None)
@@ -394,7 +420,7 @@ def evaluate(
             validation,
             ocd.loss_fn,
             grid,
-            lambda inputs, cond, base_out: predicted_label_deltas(ocd, inputs, base_out),
+            lambda inputs, cond, base_out: predicted_label_deltas(ocd, inputs, base_out, method),
             batch_size=batch_size,
             progress=progress,
             desc="calibrating the predicted-label rival",
@@ -429,6 +455,7 @@ def evaluate(
             c.overfit_optimizer,
             False,
             c.target,
+            method=method,
         ).delta
         oracle_out = ocd.forward_with_deltas(inputs, oracle)
         meter(Row.ORACLE).add(oracle_out, targets)
@@ -438,7 +465,7 @@ def evaluate(
             margins.add(Row.ORACLE, oracle_out, targets)
             _sync(ocd.device)
             t0 = time.perf_counter()
-            rival = predicted_label_deltas(ocd, inputs, base_out)
+            rival = predicted_label_deltas(ocd, inputs, base_out, method)
             rival_out = ocd.forward_with_deltas(inputs, rival)
             _sync(ocd.device)
             seconds["predicted_label"] += time.perf_counter() - t0
