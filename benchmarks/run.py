@@ -3,9 +3,14 @@
 Per run, on the task's own train / val / test split (`benchmarks.tasks`):
 - heads: "train collection" (deltas on the base model's own training samples: the paper's recipe),
   "cross-fit collection" (K-fold out-of-fold deltas, base refit per fold), the selection's best other
-  layer, and the ideas' variants (overfit budget, classifier-free guidance);
+  layer, the task's body layer if it names one (SetFit: a head inside the sentence-transformer, with
+  its own complete rows, "body layer: ..."), and the ideas' variants (overfit budget, classifier-free
+  guidance);
 - every head's delta_scale is calibrated on val (OCDWrapper.calibrate: 0 = switched off);
-- evaluation on test (`ocd_hf.evaluation.evaluate`) with all rows.
+- evaluation on test (`ocd_hf.evaluation.evaluate`) with all rows: the train-collection head also with
+  1, 2 and 10 DDIM steps; the predicted-label rival's cost per sample is in "extra"; for
+  classification, the margin diagnostic under the same labels ("margins": label -> correct / wrong ->
+  statistics).
 
 A run is a JSON-able record; its row labels are the evaluation's rows (`ocd_hf.evaluation.Row`) with
 the head they come from, built by the label functions below and nowhere else.
@@ -35,12 +40,17 @@ GUIDANCE = (1.0, 2.0, 4.0)
 ENSEMBLES = (1, 5, 10)
 GATES = (0.5, 0.7, 0.9, 0.99, 1.01)  # apply the delta only where the base model's max probability < τ
 NUM_SAMPLES = 5  # draws of the main evaluation's ensemble rows
+FEW_STEPS = (1, 2, 10)  # DDIM step counts of the main head's few-step rows (10: the configured count)
 
 # how a head's training deltas were collected
 TRAIN = "train collection"
 CROSS_FIT = "cross-fit collection"
 COLLECTIONS = (TRAIN, CROSS_FIT)
 ALTERNATIVE = "alternative layer"  # the head on the selection's runner-up layer (train collection)
+# the head on the task's body layer (`Task.body_layer`, SetFit): train collection, factored target, its own
+# evaluation with every row; a 384x384 full target is 147k numbers per sample from 40 training samples
+BODY = "body layer"
+BODY_TARGET = "factored"
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -61,9 +71,24 @@ def ocd_mean_weights(collection: str, num_samples: int) -> str:
     return f"{ocd(collection)} mean-weights x{num_samples}"
 
 
+def ocd_steps(collection: str, steps: int) -> str:
+    """One draw of the head collected `collection`-wise, sampled with `steps` DDIM steps."""
+    return f"{ocd(collection)}, {steps} DDIM step{'' if steps == 1 else 's'}"
+
+
 def control(row: str, collection: str) -> str:
     """A control row (nearest-neighbour, mean delta) on the collection of a head other than the main one."""
     return f"{row} ({collection})"
+
+
+def body_row(row: str) -> str:
+    """An evaluation row (`ocd_hf.evaluation.Row`) of the body-layer head, e.g. 'body layer: OCD'."""
+    return f"{BODY}: {row}"
+
+
+def body_rows(rows) -> dict[str, str]:
+    """The body-layer evaluation's rows -> their labels; base and temperature scaling are the main table's."""
+    return {row: body_row(row) for row in rows if row not in (Row.BASE, Row.TEMPERATURE)}
 
 
 def runner_up(layer: str) -> str:
@@ -163,6 +188,7 @@ def run_one(name: str, seed: int, settings: RunSettings) -> dict[str, Any]:
         "health": {},
         "calibration": {},
         "seconds": {},
+        "margins": {},
     }
     kw, train_kw = split_kwargs(task.ocd_kwargs)
     if settings.head_steps and not settings.quick:
@@ -203,6 +229,9 @@ def run_one(name: str, seed: int, settings: RunSettings) -> dict[str, Any]:
         for row, metrics in report.rows.items():
             if row in rename or not only_renamed:
                 rec["rows"][rename.get(row, row)] = metrics
+        for row, groups in report.margins.items():
+            if row in rename or not only_renamed:
+                rec["margins"][rename.get(row, row)] = groups
         for k, v in report.cosine_to_oracle.items():
             rec["cosine"][cosine_key(collection, k)] = v
         if report.health:
@@ -240,14 +269,36 @@ def run_one(name: str, seed: int, settings: RunSettings) -> dict[str, Any]:
             collection=store_tr,
             alternative=alt,
             oracle_all_layers=settings.all_layers_oracle,
+            inference_steps=FEW_STEPS,
             **ev,
         )
         rec["seconds"]["evaluation"] = time.perf_counter() - t
-        rename = head_rows(TRAIN, NUM_SAMPLES)
+        rename = head_rows(TRAIN, NUM_SAMPLES) | {Row.ddim_steps(n): ocd_steps(TRAIN, n) for n in FEW_STEPS}
         if alt_layer is not None:
             rename[Row.alternative(alt_layer)] = runner_up(alt_layer)
         add(rep, TRAIN, rename)
         rec["extra"] = rep.extra
+
+        if task.body_layer is not None:
+            ocd_body, store_body = head(BODY, make(layer=task.body_layer, target=BODY_TARGET), tmp / "body")
+            t = time.perf_counter()
+            rep_body = evaluate(
+                ocd_body,
+                task.test,
+                num_samples=NUM_SAMPLES,
+                validation=task.val,
+                train=task.train,
+                collection=store_body,
+                **ev,
+            )
+            add(rep_body, BODY, body_rows(rep_body.rows), only_renamed=True)
+            rec["body"] = {
+                "layer": task.body_layer,
+                "target": BODY_TARGET,
+                "shape": list(ocd_body.module.get_submodule(task.body_layer).weight.shape),
+                "extra": rep_body.extra,
+                "evaluation_seconds": time.perf_counter() - t,
+            }
 
         ocd_cf, store_cf = head(CROSS_FIT, make(), tmp / "crossfit", cross_fit=True)
         rep_cf = evaluate(ocd_cf, task.test, num_samples=NUM_SAMPLES, collection=store_cf, **ev)

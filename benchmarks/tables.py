@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ocd_hf.evaluation import Cosine, Row
+from ocd_hf.evaluation import Cosine, Group, Row
 
 from . import run
 from .stats import beyond_noise, fmt, mean_sd, paired, paired_verdict
@@ -50,6 +50,7 @@ def main_rows() -> list[str]:
         run.ocd(run.TRAIN),
         run.ocd_ensemble(run.TRAIN, run.NUM_SAMPLES),
         run.ocd_mean_weights(run.TRAIN, run.NUM_SAMPLES),
+        *(run.ocd_steps(run.TRAIN, n) for n in run.FEW_STEPS),
         run.ocd_uncalibrated(run.CROSS_FIT),
         run.ocd(run.CROSS_FIT),
         run.ocd_ensemble(run.CROSS_FIT, run.NUM_SAMPLES),
@@ -58,6 +59,50 @@ def main_rows() -> list[str]:
         Row.NO_SCALE,
         Row.MEAN_DELTA,
         run.control(Row.MEAN_DELTA, run.CROSS_FIT),
+        Row.PREDICTED_LABEL,
+        Row.PREDICTED_LABEL_CALIBRATED,
+    ]
+
+
+def body_table_rows() -> list[str]:
+    """The rows of the body-layer head's table (`run.BODY`), in order; base is the main table's."""
+    return [Row.BASE] + [
+        run.body_row(r)
+        for r in (
+            Row.ORACLE,
+            Row.KNN,
+            Row.OCD_UNCALIBRATED,
+            Row.OCD,
+            Row.ensemble(run.NUM_SAMPLES),
+            Row.mean_weights(run.NUM_SAMPLES),
+            Row.NEAREST_NEIGHBOUR,
+            Row.NO_SCALE,
+            Row.MEAN_DELTA,
+            Row.PREDICTED_LABEL,
+            Row.PREDICTED_LABEL_CALIBRATED,
+        )
+    ]
+
+
+def margin_rows() -> list[str]:
+    """The rows of the margin diagnostic's table, in order (those present in every seed are shown)."""
+    return [
+        Row.ORACLE,
+        run.ocd_uncalibrated(run.TRAIN),
+        run.ocd(run.TRAIN),
+        run.ocd_uncalibrated(run.CROSS_FIT),
+        run.ocd(run.CROSS_FIT),
+        Row.PREDICTED_LABEL,
+        Row.PREDICTED_LABEL_CALIBRATED,
+    ] + [
+        run.body_row(r)
+        for r in (
+            Row.ORACLE,
+            Row.OCD_UNCALIBRATED,
+            Row.OCD,
+            Row.PREDICTED_LABEL,
+            Row.PREDICTED_LABEL_CALIBRATED,
+        )
     ]
 
 
@@ -85,7 +130,7 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
         "of one head at a time.",
         "",
     ]
-    generated = {run.cosine_key(c, Cosine.OCD): run.cosine_key(c, "generated") for c in run.COLLECTIONS}
+    generated = {run.cosine_key(c, Cosine.OCD): run.cosine_key(c, "generated") for c in (*run.COLLECTIONS, run.BODY)}
     for name, rs in by_task.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         metric = metric_of(rs[0])
@@ -112,6 +157,7 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
             table[row] = {m: mean_sd([v[m] for v in vals]) for m in metrics}
             md.append(f"| {row} | " + " | ".join(fmt([v[m] for v in vals]) for m in metrics) + " |")
         md.append("")
+        md += cost_lines(rs)
         cos_keys = sorted({k for x in rs for k in x["cosine"]})
         md.append(
             "Mean cosine of deltas to the oracle's (per head: generated, nearest-neighbour, mean training delta): "
@@ -122,7 +168,7 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
         )
         cal = {
             lab: [x["calibration"][lab]["delta_scale"] for x in rs if lab in x["calibration"]]
-            for lab in (run.TRAIN, run.CROSS_FIT, run.ALTERNATIVE)
+            for lab in (run.TRAIN, run.CROSS_FIT, run.ALTERNATIVE, run.BODY)
         }
         md.append("Calibrated delta_scale per seed: " + "; ".join(f"{k} {v}" for k, v in cal.items() if v) + ".")
         hl = {
@@ -146,6 +192,8 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
                     if other in rows:
                         verdicts.append(paired_verdict(paired(rs, get(row), get(other)), metric, row, other))
         md += ["Verdicts (" + metric + "):", ""] + [f"- {v}" for v in verdicts] + [""]
+        md += body_markdown(name, rs, metrics, table)
+        md += margins_markdown(name, rs)
         if rs[0].get("paper"):
             p = rs[0]["paper"]
             md.append(
@@ -301,6 +349,10 @@ def across_tasks(by_task: dict[str, list[dict]]) -> list[str]:
         (run.ocd_uncalibrated(run.CROSS_FIT), "cross-fit collection, uncalibrated"),
         (run.ocd(run.CROSS_FIT), "cross-fit collection, delta_scale from val"),
         (Row.NEAREST_NEIGHBOUR, "nearest-neighbour delta (train collection)"),
+        (Row.PREDICTED_LABEL, "predicted-label rival (no diffusion model), uncalibrated"),
+        (Row.PREDICTED_LABEL_CALIBRATED, "predicted-label rival, delta_scale from val"),
+        (run.body_row(Row.OCD_UNCALIBRATED), "body-layer head, uncalibrated"),
+        (run.body_row(Row.OCD), "body-layer head, delta_scale from val"),
         (Row.TEMPERATURE, "temperature scaling (no OCD)"),
         (Row.KNN, "kNN (no OCD)"),
     )
@@ -330,4 +382,110 @@ def across_tasks(by_task: dict[str, list[dict]]) -> list[str]:
     ]
     for label, row in cells.items():
         md.append(f"| {label} | " + " | ".join(row.get(t, "") for t in cols) + " |")
+    return md + [""]
+
+
+def cost_lines(rs: list[dict]) -> list[str]:
+    """The predicted-label rival's and OCD's measured cost per test sample, when the runs have it."""
+    keys = ("predicted_label_ms_per_sample", "ocd_ms_per_sample")
+    if not all(all(k in r.get("extra", {}) for k in keys) for r in rs):
+        return []
+    rival = [r["extra"][keys[0]] for r in rs]
+    ocd = [r["extra"][keys[1]] for r in rs]
+    ratio = [o / p for o, p in zip(ocd, rival)]
+    return [
+        "Cost per test sample, wall time after the shared conditioning pass (`EvaluationReport.extra`): "
+        f"predicted-label rival (overfitting steps + one forward) {fmt(rival)} ms; OCD ({run.NUM_SAMPLES} draws "
+        f"of the train-collection head + one forward) {fmt(ocd)} ms; ratio OCD / rival {fmt(ratio)}. "
+        f"Rival delta_scale chosen on val per seed: {[r['extra'].get('predicted_label_delta_scale') for r in rs]}."
+    ]
+
+
+def body_markdown(name: str, rs: list[dict], metrics: list[str], table: dict) -> list[str]:
+    """The body-layer head's own table (`run.BODY`), when every seed has one; adds its rows to `table`."""
+    if not all("body" in r for r in rs):
+        return []
+    b = rs[0]["body"]
+    rows = [row for row in body_table_rows() if all(row in x["rows"] for x in rs)]
+    secs = [x["seconds"][run.BODY] + x["body"]["evaluation_seconds"] for x in rs]
+    md = [
+        f"#### {name}: the body-layer head (`{b['layer']}`, {'x'.join(map(str, b['shape']))}, target {b['target']!r})",
+        "",
+        "The same base model, train collection and recipe as the main head, on a layer inside the "
+        "sentence-transformer body (the paper's kind of SetFit layer) instead of the classifier; its oracle and "
+        "rival overfit this layer. Calibrated delta_scale per seed: "
+        f"{[x['calibration'][run.BODY]['delta_scale'] for x in rs]}; head, calibration and evaluation "
+        f"{fmt(secs)} s per seed." + body_cost(rs),
+        "",
+        "| method | " + " | ".join(metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for row in rows:
+        vals = [x["rows"][row] for x in rs]
+        table[row] = {m: mean_sd([v[m] for v in vals]) for m in metrics}
+        md.append(f"| {row} | " + " | ".join(fmt([v[m] for v in vals]) for m in metrics) + " |")
+    md.append("")
+    m = metric_of(rs[0])
+    get = lambda row: lambda r: r["rows"][row][m]  # noqa: E731
+    verdicts = [
+        paired_verdict(paired(rs, get(run.body_row(row)), get(other)), m, run.body_row(row), other)
+        for row in (Row.OCD, Row.OCD_UNCALIBRATED)
+        for other in (Row.BASE, run.body_row(Row.NEAREST_NEIGHBOUR), run.body_row(Row.MEAN_DELTA))
+        if run.body_row(row) in rows and other in rows
+    ]
+    return md + ["Verdicts (" + m + "):", ""] + [f"- {v}" for v in verdicts] + [""]
+
+
+def body_cost(rs: list[dict]) -> str:
+    """The body-layer evaluation's cost per test sample (rival and OCD), when the runs have it."""
+    keys = ("predicted_label_ms_per_sample", "ocd_ms_per_sample")
+    if not all(all(k in r["body"]["extra"] for k in keys) for r in rs):
+        return ""
+    rival, ocd = ([r["body"]["extra"][k] for r in rs] for k in keys)
+    return (
+        f" Per test sample: predicted-label rival {fmt(rival)} ms, OCD ({run.NUM_SAMPLES} draws + one forward) "
+        f"{fmt(ocd)} ms."
+    )
+
+
+def margins_markdown(name: str, rs: list[dict]) -> list[str]:
+    """The margin diagnostic per task (`ocd_hf.margins`): change in the true-class margin, by the base
+    model's correctness, mean over seeds ± SD over seeds, with the largest per-seed standard error."""
+    if not all(r.get("margins") for r in rs):
+        return []
+    rows = [row for row in margin_rows() if all(row in r["margins"] for r in rs)]
+    counts = "; ".join(
+        f"seed {r['seed']} {r['margins'][rows[0]][Group.CORRECT]['n']} / {r['margins'][rows[0]][Group.WRONG]['n']}"
+        for r in rs
+    )
+
+    def base(group: str) -> str:
+        vals = [r["margins"][rows[0]][group]["base_margin"] for r in rs]
+        return fmt(vals) if None not in vals else "—"
+
+    def cell(row: str, group: str) -> str:
+        stats = [r["margins"][row][group] for r in rs]
+        if any(s["mean_change"] is None for s in stats):
+            return "—"
+        m, sd = mean_sd([s["mean_change"] for s in stats])
+        ses = [s["se"] for s in stats if s["se"] is not None]
+        spread = "" if len(stats) < 2 else f" ± {sd:.4f}"
+        return f"{m:+.4f}{spread}" + (f" (SE ≤ {max(ses):.4f})" if ses else "")
+
+    md = [
+        f"#### {name}: margin diagnostic",
+        "",
+        "Change in the true-class margin (the label's logit minus the largest other logit of the model's "
+        "outputs) against the base model, on the test samples the base model classifies correctly and on "
+        "those it gets wrong; mean over seeds ± SD over seeds, and the largest standard error over samples "
+        f"within one seed. Correct / wrong test samples per seed: {counts}. Base margin: correct "
+        f"{base(Group.CORRECT)}, wrong {base(Group.WRONG)}. A move toward the base model's own prediction "
+        "raises the margin on correct samples and lowers it on wrong ones; only a rise on wrong samples can "
+        "flip a prediction.",
+        "",
+        "| method | Δ margin, base correct | Δ margin, base wrong |",
+        "|---|---|---|",
+    ]
+    for row in rows:
+        md.append(f"| {row} | {cell(row, Group.CORRECT)} | {cell(row, Group.WRONG)} |")
     return md + [""]

@@ -156,14 +156,24 @@ def test_paper_tables_quick(tmp_path):
         "nearest-neighbour delta",
         "no-scale ablation (mean training ρ)",
         "mean-delta control",
+        "predicted-label rival",
+        "predicted-label rival, calibrated",
+        "OCD (train collection), 1 DDIM step",
+        "OCD (train collection), 2 DDIM steps",
+        "OCD (train collection), 10 DDIM steps",
     ):
         assert row in run["rows"], row
         assert all(math.isfinite(v) for v in run["rows"][row].values())
     assert any(r.startswith("OCD on the runner-up layer") for r in run["rows"])
     assert {"train collection", "cross-fit collection"} <= set(run["calibration"])
     assert any(k.startswith("guidance w=") for k in run["ideas"]) and any(k.startswith("budget:") for k in run["ideas"])
+    assert {"oracle, this layer (test label)", "OCD (train collection)", "predicted-label rival"} <= set(run["margins"])
+    for groups in run["margins"].values():
+        assert groups["correct"]["n"] + groups["wrong"]["n"] == run["sizes"]["test"]
+    assert run["extra"]["predicted_label_ms_per_sample"] > 0
     md = (tmp_path / "paper_tables.md").read_text()
     assert "### digits" in md and "Verdicts (cross_entropy)" in md
+    assert "#### digits: margin diagnostic" in md and "| predicted-label rival, calibrated |" in md
 
 
 def test_tables_reproduce_the_committed_results():
@@ -194,3 +204,44 @@ def test_fault_campaign_quick(tmp_path):
     result = json.loads(out.read_text())
     assert result["total"]["trials"] > 50 and result["total"]["failed"] == 0, result["total"]
     assert all(r["trials"] > 0 for r in result["kinds"].values())
+
+
+def test_tables_render_the_margins_and_the_body_layer_head():
+    """Runs with a margin diagnostic and a body-layer head (here injected into the committed SetFit runs)
+    get their tables: the margin cells are the mean and SD over seeds of the per-seed mean change."""
+    import copy
+    import statistics
+
+    from benchmarks import run as bench_run
+    from benchmarks.tables import aggregate
+    from ocd_hf.evaluation import Row
+
+    committed = json.loads((ROOT / "docs" / "results" / "paper_tables.json").read_text())["runs"]
+    runs = copy.deepcopy([r for r in committed if r["task"] == "setfit_8shot"])
+    changes = {"correct": [0.5, 0.7, 0.6], "wrong": [-0.2, -0.1, -0.3]}
+    for i, r in enumerate(runs):
+        stats = {
+            g: {"n": 10 + i, "base_margin": 1.0, "mean_change": v[i], "se": 0.01 * (i + 1)} for g, v in changes.items()
+        }
+        r["margins"] = {Row.PREDICTED_LABEL: stats, bench_run.body_row(Row.OCD): stats}
+        r["rows"][bench_run.body_row(Row.OCD)] = r["rows"][Row.BASE]
+        r["rows"][bench_run.body_row(Row.ORACLE)] = r["rows"][Row.ORACLE]
+        r["calibration"][bench_run.BODY] = {"delta_scale": 1.0}
+        r["seconds"][bench_run.BODY] = 10.0
+        r["body"] = {
+            "layer": "body.dense",
+            "target": "factored",
+            "shape": [4, 4],
+            "extra": {},
+            "evaluation_seconds": 5.0,
+        }
+    _, md = aggregate(runs)
+    assert "#### setfit_8shot: margin diagnostic" in md
+    c, w = changes["correct"], changes["wrong"]
+    cell = f"{statistics.fmean(c):+.4f} ± {statistics.stdev(c):.4f} (SE ≤ 0.0300) | {statistics.fmean(w):+.4f} ± {statistics.stdev(w):.4f} (SE ≤ 0.0300)"
+    assert f"| predicted-label rival | {cell} |" in md
+    assert f"| body layer: OCD | {cell} |" in md
+    assert "seed 0 10 / 10; seed 1 11 / 11; seed 2 12 / 12" in md
+    assert "#### setfit_8shot: the body-layer head (`body.dense`, 4x4, target 'factored')" in md
+    assert "| body layer: oracle, this layer (test label) |" in md
+    assert "15.0000 ± 0.0000 s per seed" in md

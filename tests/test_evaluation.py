@@ -10,6 +10,7 @@ from torch.utils.data import TensorDataset
 from ocd_hf import OCDWrapper
 from ocd_hf.evaluation import Cosine, Row, compute_metrics, evaluate, expected_calibration_error, fit_temperature
 from ocd_hf.losses import cross_entropy
+from ocd_hf.margins import Group, MarginMeter, true_class_margin
 from ocd_hf.overfit import make_optimizer, overfit_all_layers, take
 
 
@@ -154,3 +155,69 @@ def test_evaluate_reports_every_row(tmp_path):
     assert r.rows["base"]["cross_entropy"] == pytest.approx(float(base_ce), rel=1e-5)
     assert r.rows["oracle, all layers (test label)"]["cross_entropy"] < r.rows["base"]["cross_entropy"]
     assert "| OCD on fc2 |" in r.to_markdown()
+
+
+def test_true_class_margin_and_the_meter_by_hand():
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.5, 3.0, 0.0], [1.0, 1.0, 4.0], [0.0, -2.0, 1.0]])
+    labels = torch.tensor([0, 0, 2, 1])
+    assert true_class_margin(logits, labels).tolist() == [1.0, -2.5, 3.0, -3.0]
+    meter = MarginMeter()
+    meter.add_base(logits, labels)  # correct: samples 0 and 2; wrong: 1 and 3
+    moved = logits.clone()
+    moved[:, 0] += torch.tensor([1.0, 2.0, 0.0, 0.5])
+    meter.add("m", moved, labels)
+    # changes: +1 (s0), +2 (s1: 2.5-3.0 = -0.5 vs -2.5), 0 (s2), 0 (s3: max other still 1.0)
+    r = meter.result()["m"]
+    assert r[Group.CORRECT] == {"n": 2, "base_margin": 2.0, "mean_change": 0.5, "se": pytest.approx(0.5)}
+    assert r[Group.WRONG] == {"n": 2, "base_margin": -2.75, "mean_change": 1.0, "se": pytest.approx(1.0)}
+    assert MarginMeter().result() == {}
+
+
+def test_factored_head_on_a_padded_text_model_evaluates(tmp_path):
+    """The oracle and the rival of a factored Adam head choose their method by a one-sample probe; inside
+    the evaluation's prefix reuse that probe would meet the batch's recorded prefix (an error with padding)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from ocd_hf.overfit import overfit_batch
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=40,
+        max_position_embeddings=32,
+        num_labels=3,
+        pad_token_id=0,
+    )
+    model = BertForSequenceClassification(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": [2] + torch.randint(3, 50, (int(n),), generator=g).tolist(), "label": i % 3}
+        for i, n in enumerate(torch.randint(3, 12, (24,), generator=g))
+    ]
+    layer = "bert.encoder.layer.1.attention.output.dense"
+    ocd = OCDWrapper.from_pretrained(model, layer=layer, target="factored", **TINY_HEAD)
+    store = ocd.collect(rows[:12], "cross_entropy", batch_size=6, collect_dir=tmp_path / "c", progress=False)
+    ocd.train_head(store, num_train_steps=5, **TINY_TRAIN)
+    test = rows[18:]
+    r = evaluate(ocd, test, num_samples=1, validation=rows[12:18], batch_size=6, progress=False)
+    assert Row.PREDICTED_LABEL_CALIBRATED in r.rows and Row.ORACLE in r.margins
+    # the oracle row equals the oracle overfitted outside any prefix reuse
+    batch = ocd.adapter.collate_fn()(test)
+    inputs, labels = ocd.adapter.split_batch(batch)
+    c = ocd.config
+    oracle = overfit_batch(
+        ocd.module,
+        ocd.layer,
+        inputs,
+        labels,
+        cross_entropy,
+        ocd.adapter.forward,
+        c.overfit_steps,
+        c.overfit_lr,
+        target="factored",
+    ).delta
+    out = ocd.forward_with_deltas(inputs, oracle)
+    assert r.rows[Row.ORACLE]["cross_entropy"] == pytest.approx(float(cross_entropy(out, labels).mean()), rel=1e-5)

@@ -1,6 +1,7 @@
 """The predicted-label rival: overfitting toward the base model's own prediction, against slow references."""
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from ocd_hf import OCDWrapper
 from ocd_hf.calibration import choose_scale
-from ocd_hf.evaluation import Cosine, Row, evaluate, predicted_label_deltas
+from ocd_hf.evaluation import Cosine, Group, Row, evaluate, predicted_label_deltas
 from ocd_hf.losses import cross_entropy
 from ocd_hf.overfit import overfit_batch, overfit_sequential
 
@@ -121,3 +122,73 @@ def test_few_step_rows(fitted):
     # the config's own step count with the same seed is the OCD row itself
     assert r.rows[Row.ddim_steps(steps)]["cross_entropy"] == pytest.approx(r.rows[Row.OCD]["cross_entropy"], rel=1e-6)
     assert r.rows[Row.ddim_steps(1)] != r.rows[Row.OCD]
+
+
+def _hand_margin(logits, labels):
+    """The true-class margin by a loop over classes."""
+    out = []
+    for z, y in zip(logits.tolist(), labels.tolist()):
+        out.append(z[y] - max(v for k, v in enumerate(z) if k != y))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _group_stats(change):
+    n = len(change)
+    mean = sum(change.tolist()) / n
+    var = sum((c - mean) ** 2 for c in change.tolist()) / (n - 1)
+    return n, mean, (var / n) ** 0.5
+
+
+def test_margin_diagnostic_matches_a_per_sample_loop(fitted):
+    ocd, val, test = fitted
+    x, y = test.tensors
+    old_scale = ocd.delta_scale
+    ocd.delta_scale = 0.5  # a nonzero scale, so that OCD's draw moves the margins
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            r = evaluate(ocd, test, num_samples=2, validation=val, batch_size=64, seed=3, progress=False)
+            # OCD's first draw: the same generator and call as the evaluation's single batch
+            cond, _ = ocd.conditioning(x)
+            raw = ocd.generate_deltas(cond, 2, torch.Generator().manual_seed(3), delta_scale=1.0)[0]
+        ocd_out = {0.5: [], 1.0: []}
+        for b in range(len(x)):
+            for scale, outs in ocd_out.items():
+                m = copy.deepcopy(ocd.module).eval()
+                with torch.no_grad():
+                    m.fc1.weight += scale * raw[b]
+                    outs.append(m(x[b : b + 1]))
+    finally:
+        ocd.delta_scale = old_scale
+    with torch.no_grad():
+        base = ocd.module(x)
+    pred = base.argmax(-1)
+    correct = pred == y
+    assert 0 < int(correct.sum()) < len(y)
+    outs = {
+        Row.ORACLE: _slow_outputs(ocd, x, y),
+        Row.OCD: torch.cat(ocd_out[0.5]),
+        Row.OCD_UNCALIBRATED: torch.cat(ocd_out[1.0]),
+        Row.PREDICTED_LABEL: _slow_outputs(ocd, x, pred),
+        Row.PREDICTED_LABEL_CALIBRATED: _slow_outputs(ocd, x, pred, r.extra["predicted_label_delta_scale"]),
+    }
+    assert set(r.margins) == set(outs)
+    assert r.margins[Row.OCD][Group.CORRECT]["mean_change"] != 0
+    base_margin = _hand_margin(base, y)
+    for row, out in outs.items():
+        change = _hand_margin(out, y) - base_margin
+        for group, mask in ((Group.CORRECT, correct), (Group.WRONG, ~correct)):
+            n, mean, se = _group_stats(change[mask])
+            got = r.margins[row][group]
+            assert got["n"] == n, (row, group)
+            assert got["mean_change"] == pytest.approx(mean, rel=1e-4, abs=1e-6), (row, group)
+            assert got["se"] == pytest.approx(se, rel=1e-3, abs=1e-6), (row, group)
+            assert got["base_margin"] == pytest.approx(sum(base_margin[mask].tolist()) / n, rel=1e-5)
+    # the oracle raises every margin; the rival's change on correct samples is the oracle's
+    assert r.margins[Row.ORACLE][Group.WRONG]["mean_change"] > 0
+    assert r.margins[Row.PREDICTED_LABEL][Group.CORRECT]["mean_change"] == pytest.approx(
+        r.margins[Row.ORACLE][Group.CORRECT]["mean_change"], rel=1e-6
+    )
+    assert r.margins[Row.PREDICTED_LABEL][Group.WRONG]["mean_change"] < 0
+    assert json.loads(json.dumps(r.to_dict()))["margins"] == r.margins
+    assert "true-class margin" in r.to_markdown()

@@ -15,6 +15,12 @@ Rows (each only when what it needs is given; their labels are the constants and 
 - few-step rows (`inference_steps`): one draw with that many DDIM steps, at the head's delta_scale.
 Metrics: cross-entropy, accuracy and ECE (15 bins) for classification; RMSE for regression. Also the
 mean cosine of each generated delta to the oracle's, and the sampled Ω_0's health.
+
+Margin diagnostic (classification, `EvaluationReport.margins`, computed by `ocd_hf.margins`): for the
+samples the base model classifies correctly and for those it gets wrong, separately, the mean change
+(± standard error over samples) in the true-class margin, the label's logit minus the largest other
+logit of the model's outputs, under OCD (one draw, at the head's delta_scale, and at delta_scale 1 when
+calibration changed it), the oracle and the predicted-label rival (uncalibrated and calibrated).
 """
 
 from __future__ import annotations
@@ -33,12 +39,15 @@ from .calibration import DEFAULT_GRID, choose_scale, grid_losses
 from .collection import DeltaStore
 from .ensemble import combine_draws
 from .losses import cross_entropy
-from .overfit import overfit_all_layers, overfit_batch
+from .margins import Group, MarginMeter
+from .memory import overfit_method
+from .overfit import overfit_all_layers, overfit_batch, probe_layer
 from .prefix import reuse_prefix
 
 __all__ = [
     "Cosine",
     "EvaluationReport",
+    "Group",
     "Row",
     "compute_metrics",
     "evaluate",
@@ -125,6 +134,8 @@ class EvaluationReport:
     # sampled Ω_0 std against the training targets' (see ocd_hf.health)
     health: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # classification: row -> Group.CORRECT / Group.WRONG -> {"n", "base_margin", "mean_change", "se"}
+    margins: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def to_markdown(self) -> str:
         metrics = list(next(iter(self.rows.values())))
@@ -141,10 +152,21 @@ class EvaluationReport:
             lines.append(
                 f"Sampled Ω_0 std {self.health['omega_std']:.3f} vs training targets {self.health['target_std']:.3f}"
             )
+        if self.margins:
+            lines += ["", "Mean change in the true-class margin (± SE), by the base model's correctness:"]
+            for name, groups in self.margins.items():
+                lines.append(f"- {name}: " + "; ".join(f"{g} {_fmt_change(v)}" for g, v in groups.items()))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _fmt_change(stats: dict[str, Any]) -> str:
+    if stats["mean_change"] is None:
+        return "(n = 0)"
+    se = "" if stats["se"] is None else f" ± {stats['se']:.3f}"
+    return f"{stats['mean_change']:+.3f}{se} (n = {stats['n']})"
 
 
 class _Meter:
@@ -271,7 +293,7 @@ class _KNN:
         self.k = min((k for k in grid if k <= len(self.ys)), key=loss)
 
 
-def predicted_label_deltas(ocd: Any, inputs: Any, base_out: torch.Tensor) -> torch.Tensor:
+def predicted_label_deltas(ocd: Any, inputs: Any, base_out: torch.Tensor, method: str | None = None) -> torch.Tensor:
     """The predicted-label rival's deltas: the oracle's overfitting steps toward `base_out.argmax(-1)`.
 
     On a sample the base model classifies correctly they are the oracle's deltas; no label is used.
@@ -280,6 +302,8 @@ def predicted_label_deltas(ocd: Any, inputs: Any, base_out: torch.Tensor) -> tor
         ocd: An `OCDWrapper` (its layer, loss and `overfit_*` settings are used).
         inputs: A batch of model inputs.
         base_out: The base model's logits on `inputs`.
+        method: `overfit_batch`'s method; give it (see `oracle_method`) when calling inside a
+            `reuse_prefix` block, where the one-sample probe that would choose it cannot run.
     """
     c = ocd.config
     with torch.enable_grad():
@@ -295,7 +319,29 @@ def predicted_label_deltas(ocd: Any, inputs: Any, base_out: torch.Tensor) -> tor
             c.overfit_optimizer,
             False,
             c.target,
+            method=method,
         ).delta
+
+
+def oracle_method(ocd: Any, dataset: Dataset) -> str | None:
+    """`overfit_batch`'s method for `ocd`'s layer and settings, probed on the first sample of `dataset`.
+
+    The probe is a one-sample forward, so it must run outside `reuse_prefix` (whose recorded prefix
+    belongs to a whole batch); the method depends only on the layer's input rank, the same for every
+    sample. None (let `overfit_batch` choose) when no probe is needed.
+
+    Args:
+        ocd: An `OCDWrapper`.
+        dataset: Data of the kind the model takes.
+    """
+    c = ocd.config
+    if not (c.target == "factored" and c.overfit_optimizer == "adam"):
+        return None
+    adapter = ocd.adapter
+    first = next(iter(DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=adapter.collate_fn())))
+    inputs, _ = adapter.split_batch(adapter.to_device(first, ocd.device))
+    probe = probe_layer(ocd.module, ocd.layer, inputs, adapter.forward)
+    return overfit_method(ocd.layer, c.overfit_optimizer, c.target, probe)
 
 
 def _calibration_rule(ocd: Any) -> tuple[tuple[float, ...], str, float]:
@@ -346,6 +392,7 @@ def evaluate(
         return rows.setdefault(name, _Meter(task))
 
     extra: dict[str, Any] = {"delta_scale": ocd.delta_scale}
+    method = oracle_method(ocd, dataset)
     temperature = knn = None
     # one pass over the validation set serves both the temperature and kNN's choice of k
     val_feats, val_out, val_y = _embed(ocd, validation, batch_size) if validation is not None else (None, None, None)
@@ -373,7 +420,7 @@ def evaluate(
             validation,
             ocd.loss_fn,
             grid,
-            lambda inputs, cond, base_out: predicted_label_deltas(ocd, inputs, base_out),
+            lambda inputs, cond, base_out: predicted_label_deltas(ocd, inputs, base_out, method),
             batch_size=batch_size,
             progress=progress,
             desc="calibrating the predicted-label rival",
@@ -383,6 +430,7 @@ def evaluate(
         extra["predicted_label_calibration"] = record
         extra["predicted_label_delta_scale"] = rival_scale
     cos: dict[str, list[torch.Tensor]] = {}
+    margins = MarginMeter()
     omega_std = []
     seconds = {"predicted_label": 0.0, "ocd": 0.0}
     counted = [0]
@@ -407,21 +455,27 @@ def evaluate(
             c.overfit_optimizer,
             False,
             c.target,
+            method=method,
         ).delta
-        meter(Row.ORACLE).add(ocd.forward_with_deltas(inputs, oracle), targets)
+        oracle_out = ocd.forward_with_deltas(inputs, oracle)
+        meter(Row.ORACLE).add(oracle_out, targets)
         counted[0] += len(targets)
         if classify:
+            margins.add_base(base_out, targets)
+            margins.add(Row.ORACLE, oracle_out, targets)
             _sync(ocd.device)
             t0 = time.perf_counter()
-            rival = predicted_label_deltas(ocd, inputs, base_out)
+            rival = predicted_label_deltas(ocd, inputs, base_out, method)
             rival_out = ocd.forward_with_deltas(inputs, rival)
             _sync(ocd.device)
             seconds["predicted_label"] += time.perf_counter() - t0
             meter(Row.PREDICTED_LABEL).add(rival_out, targets)
+            margins.add(Row.PREDICTED_LABEL, rival_out, targets)
             cos.setdefault(Cosine.PREDICTED_LABEL, []).append(_cosine(rival, oracle))
             if rival_scale is not None:
                 calibrated = base_out if rival_scale == 0 else ocd.forward_with_deltas(inputs, rival_scale * rival)
                 meter(Row.PREDICTED_LABEL_CALIBRATED).add(calibrated, targets)
+                margins.add(Row.PREDICTED_LABEL_CALIBRATED, calibrated, targets)
         _sync(ocd.device)
         t0 = time.perf_counter()
         # raw deltas, so that the uncalibrated row exists even at delta_scale 0
@@ -433,6 +487,8 @@ def evaluate(
         omega_std.append(ocd.last_health.omega_std)
         outs = torch.stack([ocd_first] + [ocd.forward_with_deltas(inputs, d) for d in deltas[1:]])
         meter(Row.OCD).add(outs[0], targets)
+        if classify:
+            margins.add(Row.OCD, outs[0], targets)
         meter(Row.ensemble(num_samples)).add(combine_draws(outs, task), targets)
         meter(Row.mean_weights(num_samples)).add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
         raw = raw_all[0]
@@ -451,7 +507,10 @@ def evaluate(
             )
             meter(Row.ddim_steps(n)).add(ocd.forward_with_deltas(inputs, few), targets)
         if ocd.delta_scale != 1.0:
-            meter(Row.OCD_UNCALIBRATED).add(ocd.forward_with_deltas(inputs, raw), targets)
+            uncalibrated = ocd.forward_with_deltas(inputs, raw)
+            meter(Row.OCD_UNCALIBRATED).add(uncalibrated, targets)
+            if classify:
+                margins.add(Row.OCD_UNCALIBRATED, uncalibrated, targets)
         cos.setdefault(Cosine.OCD, []).append(_cosine(raw, oracle))
         if collection is not None:
             q = (cond.layer_input.float().cpu() - nn_mean) / nn_std
@@ -509,4 +568,5 @@ def evaluate(
         cosine_to_oracle={k: float(torch.cat(v).mean()) for k, v in cos.items()},
         health=health,
         extra=extra,
+        margins=margins.result(),
     )
