@@ -103,7 +103,7 @@ class CollectionPlan:
         chunk_size: Samples per overfitting chunk (<= the collection batch size).
         method: The per-sample method `overfit_batch` uses ("full", "factored-sgd", "rank-one-adam").
         sample_bytes: Estimated working memory of one sample.
-        stored_bytes: Bytes one sample adds to the shard being assembled.
+        stored_bytes: Bytes one sample adds to its shard.
         budget_bytes: The budget the chunks were sized for.
     """
 
@@ -142,7 +142,7 @@ def sample_bytes(layer: nn.Module, optimizer: str, method: str, probe: LayerProb
 
 
 def stored_bytes(layer: nn.Module, target: str, probe: LayerProbe | None) -> int:
-    """Float32 bytes one sample adds to the shard in memory (target, conditioning, scalars)."""
+    """Float32 bytes one sample adds to its shard (target, conditioning, scalars)."""
     size = layer.weight.numel() if target == "full" else out_features(layer)
     pooled_in = 0 if probe is None else probe.input_shape[0 if is_channels_first(layer) else -1]
     cond = 0 if probe is None else pooled_in + probe.output_numel + probe.model_output_numel
@@ -163,7 +163,7 @@ def plan_collection(
     max_memory: int | str | None = None,
     device: torch.device | str | None = None,
 ) -> CollectionPlan:
-    """Chunk size for overfitting `layer` so that one chunk plus the shard in assembly fit the budget.
+    """Chunk size for overfitting `layer` so that one chunk plus one shard's stored bytes fit the budget.
 
     Args:
         layer_name: Named in the error message.
@@ -171,8 +171,8 @@ def plan_collection(
         optimizer: "adam" or "sgd".
         target: "full" or "factored".
         batch_size: The collection batch size (the chunk never exceeds it).
-        shard_size: Samples per shard. A shard is assembled in host memory and written before the next
-            one starts (under its lock, so concurrent collectors never duplicate it).
+        shard_size: Samples per shard. The plan reserves a whole shard's stored bytes, an upper bound: the
+            shard writer (`ocd_hf.shards`) streams each chunk to disk and holds at most the chunk in flight.
         num_samples: Samples in the collection (a smaller collection holds one shorter shard).
         probe: One sample's forward (`probe_layer`), for the method and the activation sizes.
         steps: Overfitting steps.
