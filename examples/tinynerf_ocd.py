@@ -21,36 +21,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks.task_nerf holds the renderer, the TinyNeRF and the scoring
 
-PANELS = ("base", "OCD", "oracle", "ground truth")
-
-
-def save_figure(record: dict, path: str, view: int = 0) -> None:
-    """One test view per scene (rows): base / OCD / oracle / ground truth, with each render's MSE."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kept = record["kept"]
-    fig, axes = plt.subplots(len(kept), len(PANELS), figsize=(1.6 * len(PANELS), 1.7 * len(kept)), squeeze=False)
-    for r, (scene, parts) in enumerate(kept.items()):
-        renders = parts["renders"]
-        truth = renders["ground truth"][view]
-        side = int(round(truth.shape[0] ** 0.5))
-        for c, name in enumerate(PANELS):
-            img = renders[name][view]
-            mse = float((img - truth).pow(2).mean())
-            ax = axes[r, c]
-            ax.imshow(img.reshape(side, side, 3).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(name if name == "ground truth" else f"{name}\nMSE {mse:.4f}", fontsize=7)
-            if c == 0:
-                ax.set_ylabel(scene, fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -61,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    from benchmarks.task_nerf import run_seed
+    from benchmarks.task_nerf import run_seed, save_figure
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
