@@ -137,3 +137,29 @@ def test_example_quick_runs_end_to_end(tmp_path):
     ):
         assert row in proc.stdout
     assert fig.stat().st_size > 1000
+
+
+def test_per_view_weights_and_pooling_over_rays_and_samples():
+    """layer1 sees [views, rays, samples, 39]: each view's delta reaches only its own rays, as W + Δ_b
+    would, and the conditioning is the mean over rays and samples."""
+    from ocd_hf.capture import capture_layer
+    from ocd_hf.per_sample import per_sample_weights
+
+    torch.manual_seed(0)
+    model = tn.TinyNeRF(num_samples=5).eval().double()
+    rays = torch.stack(
+        [torch.tensor(tn.render_view(tn.SCENES["boxes"], a, 0.5, 3)[0]) for a in (0.0, 2.0)]
+    )  # [2 views, 9 rays, 6]
+    delta = torch.randn(2, *model.layer1.weight.shape, dtype=torch.float64) * 0.1
+    with torch.no_grad(), per_sample_weights(model.layer1, delta), capture_layer(model.layer1) as cap:
+        batched = model(rays)
+    w = model.layer1.weight.detach().clone()
+    for b in range(2):
+        with torch.no_grad():
+            model.layer1.weight.copy_(w + delta[b])
+            torch.testing.assert_close(batched[b], model(rays[b : b + 1])[0])
+            model.layer1.weight.copy_(w)
+    o, d = rays[..., :3], rays[..., 3:]
+    depths = tn.sample_depths(o.shape[:-1], 5, False, torch.device("cpu")).double()
+    enc = tn.positional_encoding(o[..., None, :] + depths[..., None] * d[..., None, :])
+    torch.testing.assert_close(cap.layer_input, enc.mean(dim=(1, 2)))
