@@ -354,7 +354,7 @@ def fit_scene(
     and the base / OCD / oracle renders of the test views (for the figure).
     """
     from ocd_hf import OCDTrainer, OCDTrainingArguments, OCDWrapper
-    from ocd_hf.evaluation import evaluate
+    from ocd_hf.evaluation import Row, evaluate
     from ocd_hf.overfit import overfit_batch
 
     ocd = OCDWrapper.from_pretrained(model, layer="layer1", loss="mse", task="regression", **OVERFIT)
@@ -371,6 +371,9 @@ def fit_scene(
         }
         report = evaluate(ocd, splits["test"], num_samples=5, seed=seed, batch_size=8, collection=store, progress=False)
     out["rows"] = {name: {"mse": r["rmse"] ** 2, "psnr": psnr(r["rmse"] ** 2)} for name, r in report.rows.items()}
+    # evaluate() adds this row only when calibration moved delta_scale off 1; otherwise it is the OCD row,
+    # and every scene needs the same rows to be averaged
+    out["rows"].setdefault(Row.OCD_UNCALIBRATED, out["rows"][Row.OCD])
     out["cosine_to_oracle"] = report.cosine_to_oracle
     out["health"] = report.health
     out["delta_scale"] = ocd.delta_scale
@@ -419,7 +422,7 @@ def run_seed(seed: int, *, data_root: str | Path | None = None, quick: bool = Fa
         if keep:
             kept[name] = {"renders": result.pop("renders"), "ocd": result.pop("ocd")}
         per_group[name] = result
-    labels = list(next(iter(per_group.values()))["rows"])
+    labels = [k for k in next(iter(per_group.values()))["rows"] if all(k in g["rows"] for g in per_group.values())]
     rows = {}
     for label in labels:
         mse = float(np.mean([g["rows"][label]["mse"] for g in per_group.values()]))
