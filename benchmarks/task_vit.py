@@ -3,13 +3,16 @@ and on one encoder MLP layer, each generating the full delta and the factored on
 
     python -m benchmarks.task_vit --seeds 0 1 2                  # -> docs/results/vit.{json,md}
     python -m benchmarks.task_vit --seeds 0 --quick --out-dir /tmp/vit   # a smoke test (seconds)
+    python -m benchmarks.task_vit --seeds 1 & python -m benchmarks.task_vit --seeds 2 & wait  # seeds in parallel;
+    python -m benchmarks.task_vit --seeds 0 1 2    # ... then the tables from the saved records (build/bench-runs)
 
 Stands in for the paper's Tab. 2 (DeiT-Tiny on TinyImageNet, OCD on the head). No pretrained weights
 are reachable offline, so the base model is timm's `deit_tiny_patch16_224` architecture (width 192,
-3 heads, MLP 768) built for 32x32 grey images (patch 4: 64 patches and a class token) with fewer
-blocks, trained from scratch with Adam (`benchmarks.models.fit_torch`). Images are Fashion-MNIST,
-zero-padded 28 -> 32 (the background is 0). Splits are disjoint and seeded: train and val from the
-60k training file, test from t10k.
+3 heads, MLP 768) built for 32x32 grey images with 8x8 patches (16 patches and a class token) and
+4 blocks instead of 12, trained from scratch with Adam (`benchmarks.models.fit_torch`): 4x4 patches
+(64 tokens) cost about four times as much per image and learnt more slowly per second on a 2-core CPU
+(docs/examples/vit.md). Images are Fashion-MNIST, zero-padded 28 -> 32 (the background is 0). Splits
+are disjoint and seeded: train and val from the 60k training file, test from t10k.
 
 Heads (`HEADS`): the classifier `head` (10x192) and the last block's `mlp.fc2` (192x768; its input is
 [B, tokens, 768], pooled over tokens for the conditioning), each with target="full" and "factored".
@@ -48,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 ARCHITECTURE = "deit_tiny_patch16_224"
-IMAGE_SIZE, PATCH_SIZE, NUM_CLASSES = 32, 4, 10
+IMAGE_SIZE, PATCH_SIZE, NUM_CLASSES = 32, 8, 10
 METRICS = ["cross_entropy", "accuracy", "ece"]
 HIGHER_IS_BETTER = {"cross_entropy": False, "accuracy": True, "ece": False}
 NUM_SAMPLES = 5  # draws of the ensemble rows
@@ -65,7 +68,7 @@ class Sizes:
         val: validation images (calibration, temperature, kNN's k).
         test: test images.
         depth: transformer blocks.
-        epochs: base training epochs (Adam, batch 128).
+        epochs: base training epochs (Adam, batch 64).
         lr: base learning rate.
         head_steps: OCD head training steps.
         fc2_full_train: training images collected for the fc2 full head (its deltas are the largest).
@@ -87,7 +90,7 @@ class Sizes:
 
 SMALL_HEAD = (("block_out_channels", (32, 32, 64)), ("cond_hidden_dim", 64), ("scale_hidden_dim", 64))
 TINY_HEAD = (("block_out_channels", (16, 16, 32)), ("cond_hidden_dim", 16), ("scale_hidden_dim", 16))
-FULL = Sizes(4000, 1000, 1000, 4, 5, 1e-3, 1000, 1000, SMALL_HEAD, True)
+FULL = Sizes(4000, 500, 1000, 4, 3, 1e-3, 500, 500, SMALL_HEAD, True)
 QUICK = Sizes(64, 32, 32, 1, 1, 1e-3, 10, 32, TINY_HEAD, False)
 
 
@@ -136,11 +139,11 @@ def build_vit(depth: int) -> nn.Module:
 
 
 def train_base(train: TensorDataset, sizes: Sizes, seed: int) -> nn.Module:
-    """A fresh ViT trained from scratch on `train` (Adam, batch 128); eval mode."""
+    """A fresh ViT trained from scratch on `train` (Adam, batch 64); eval mode."""
     with preserved_rng():
         torch.manual_seed(seed)
         model = build_vit(sizes.depth)
-    return fit_torch(model, train, F.cross_entropy, epochs=sizes.epochs, batch_size=128, lr=sizes.lr, seed=seed)
+    return fit_torch(model, train, F.cross_entropy, epochs=sizes.epochs, batch_size=64, lr=sizes.lr, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------- one head
@@ -238,7 +241,7 @@ def markdown(records: list[dict], command: str) -> str:
         '"oracle" rows overfit on the *test* label (upper bounds, not methods).',
         "",
         f"Model: {first['sizes']['model']} ({first['sizes']['parameters']:,} parameters), trained from scratch "
-        f"({first['sizes']['epochs']} epochs, Adam {first['sizes']['lr']:g}, batch 128). Data: {first['sizes']['source']}; "
+        f"({first['sizes']['epochs']} epochs, Adam {first['sizes']['lr']:g}, batch 64). Data: {first['sizes']['source']}; "
         f"train {first['sizes']['train']}, val {first['sizes']['val']}, test {first['sizes']['test']}. Heads: "
         f"{first['sizes']['head_kwargs']}, {first['sizes']['head_steps']} training steps, 10 DDIM steps; the fc2 full "
         f"head is collected on the first {first['sizes']['fc2_full_train']} training images.",
@@ -260,17 +263,35 @@ def markdown(records: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_path(runs_dir: str | Path, seed: int, quick: bool) -> Path:
+    """Where one seed's record is saved (quick runs apart from full ones)."""
+    return Path(runs_dir) / f"{TASK}{'-quick' if quick else ''}-seed{seed}.json"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     p.add_argument("--data-root", default=str(DEFAULT_DATA), help="the folder with vision/fashion-mnist/")
     p.add_argument("--out-dir", default=str(DEFAULT_OUT))
+    p.add_argument(
+        "--runs-dir",
+        default=str(ROOT / "build" / "bench-runs"),
+        help="each seed's record is saved here as it finishes and reused by a rerun (seeds can run in parallel "
+        "processes, then one call with all seeds writes the tables)",
+    )
+    p.add_argument("--force", action="store_true", help="rerun seeds whose record is saved")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     records = []
     for seed in args.seeds:
+        path = run_path(args.runs_dir, seed, args.quick)
+        if path.exists() and not args.force:
+            records.append(json.loads(path.read_text()))
+            print(f"seed {seed}: saved record {path}", flush=True)
+            continue
         rec = run_seed(seed, data_root=args.data_root, quick=args.quick)
+        atomic_write(path, json.dumps(rec, indent=1))
         print(f"seed {seed}: {rec['wall_s']:.0f} s", flush=True)
         records.append(rec)
     out = Path(args.out_dir)
