@@ -41,9 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
+from ocd_hf.evaluation import Row
+
 from .data import FASHION_DIR, image_dataset, read_idx, split_indices
 from .models import fit_torch, preserved_rng
-from .stats import fmt
+from .stats import fmt, paired, paired_verdict
 from .tables import atomic_write
 
 TASK = "vit"
@@ -56,7 +58,7 @@ METRICS = ["cross_entropy", "accuracy", "ece"]
 HIGHER_IS_BETTER = {"cross_entropy": False, "accuracy": True, "ece": False}
 NUM_SAMPLES = 5  # draws of the ensemble rows
 INFERENCE_STEPS = (1, 2)  # the few-step rows, beside the config's 10 DDIM steps
-SHARED_ROWS = ("base", "base + temperature scaling", "oracle, all layers (test label)")
+SHARED_ROWS = (Row.BASE, Row.TEMPERATURE, Row.ORACLE_ALL_LAYERS)  # rows that do not depend on the head
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def run_seed(seed: int, *, data_root: str | Path, quick: bool = False) -> dict:
         data_root: the folder that holds vision/fashion-mnist/ (../shared/data from the project root).
         quick: tiny sizes (a smoke test).
     """
-    from ocd_hf.evaluation import evaluate
+    from ocd_hf.evaluation import evaluate  # imports the whole package: only when a run starts
 
     sizes = QUICK if quick else FULL
     t0 = time.perf_counter()
@@ -254,6 +256,15 @@ def markdown(records: list[dict], command: str) -> str:
     for row in first["rows"]:
         vals = [[r["rows"][row][m] for r in records if row in r["rows"]] for m in METRICS]
         lines.append(f"| {row} | " + " | ".join(fmt(v) for v in vals) + " |")
+    lines += ["", "OCD against base, cross-entropy paired per seed (`benchmarks.stats`):", ""]
+    for name in first["delta_scale"]:
+        layer, target = name.split(", ")
+        for row in (Row.OCD, Row.ensemble(NUM_SAMPLES)):
+            label = head_label(row, layer, target)
+            p = paired(
+                records, lambda r: r["rows"][label]["cross_entropy"], lambda r: r["rows"][Row.BASE]["cross_entropy"]
+            )
+            lines.append("- " + paired_verdict(p, "CE", label, Row.BASE))
     lines += ["", "delta_scale per head and seed:", ""]
     for name in first["delta_scale"]:
         lines.append(f"- {name}: " + ", ".join(f"{r['delta_scale'][name]:g}" for r in records))

@@ -158,7 +158,11 @@ def test_markdown_is_mean_and_sd_over_seeds():
             "seed": s,
             "wall_s": 60.0,
             "sizes": sizes,
-            "rows": {"base": dict.fromkeys(METRICS, float(v))},
+            "rows": {
+                "base": dict.fromkeys(METRICS, float(v)),
+                "OCD [head, full]": dict.fromkeys(METRICS, float(v) - 0.1 * (s + 1)),
+                "OCD x5 [head, full]": dict.fromkeys(METRICS, float(v)),
+            },
             "delta_scale": {"head, full": 0.5},
             "cosine": {"head, full": {"OCD (1 draw)": 0.25}},
         }
@@ -167,6 +171,8 @@ def test_markdown_is_mean_and_sd_over_seeds():
     md = markdown(records, "python -m benchmarks.task_vit --seeds 0 1")
     assert "| base | 2.0000 ± 1.4142 | 2.0000 ± 1.4142 | 2.0000 ± 1.4142 |" in md
     assert "seed 0: 60 s, seed 1: 60 s" in md and "- head, full: 0.5, 0.5" in md
+    assert "- OCD [head, full] is better than base: ΔCE = -0.1500 ± 0.0707 (SD over 2 seeds; lower in 2/2)" in md
+    assert "- OCD x5 [head, full] is no different (within noise) from base" in md
 
 
 def test_example_quick_runs_offline(capsys):
