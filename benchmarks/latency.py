@@ -6,7 +6,7 @@ Samplers (`SAMPLERS`): the 10-step DDIM teacher (a freshly fitted head), the shi
 (half the teacher's width). The students are distilled for a couple of steps only: a pass costs the same
 whatever the weights, so latency does not depend on it.
 
-Goals (issue #12), checked on the shipped default: OCD / base <= 20x on LeNet5 at batch 64, 32
+Goals, checked on the shipped default: OCD / base <= 20x on LeNet5 at batch 64, 32
 one-by-one calls / one call on a batch of 32 >= 10x; and OCD / base <= 2x for SetFit at batch 32.
 """
 
@@ -48,7 +48,7 @@ def add_samplers(ocd: Any, store: Any) -> dict[str, Callable[[], None]]:
 
 
 def goal_for(key: str, sampler: str, batch: int) -> tuple[str | None, Callable[[float], bool] | None]:
-    """(goal text, test) of an OCD / base ratio, or (None, None) where issue #12 sets none."""
+    """(goal text, test) of an OCD / base ratio, or (None, None) where no goal is set."""
     if key == "lenet5" and sampler == DEFAULT and batch == 64:
         return f"<= {GOAL_LENET5_RATIO:g}x", lambda r: r <= GOAL_LENET5_RATIO
     if key == "setfit" and batch == 32:

@@ -1,4 +1,4 @@
-"""Issue-16 task: a TinyNeRF per procedurally rendered scene, OCD on its first layer (the paper's Tab. 3 setting).
+"""A TinyNeRF per procedurally rendered scene, OCD on its first layer (the paper's Tab. 3 setting).
 
 Everything runs offline from a seed:
 
@@ -493,7 +493,7 @@ def to_markdown(records: list[dict], command: str) -> str:
 
     labels = list(records[0]["rows"])
     lines = [
-        "# TinyNeRF on rendered scenes (issue 16, paper Tab. 3)",
+        "# TinyNeRF on rendered scenes (paper Tab. 3)",
         "",
         f"`{command}` — {datetime.now(timezone.utc):%Y-%m-%d}, torch {torch.__version__}, {platform.machine()}, "
         f"seeds {[r['seed'] for r in records]}; wall time per seed: "

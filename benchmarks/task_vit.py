@@ -1,4 +1,4 @@
-"""Issue 16, ViT / DeiT: a DeiT-Tiny-width ViT trained from scratch on Fashion-MNIST, OCD on its classifier
+"""ViT / DeiT (paper Tab. 2): a DeiT-Tiny-width ViT trained from scratch on Fashion-MNIST, OCD on its classifier
 and on one encoder MLP layer, each generating the full delta and the factored one.
 
     python -m benchmarks.task_vit --seeds 0 1 2                  # -> docs/results/vit.{json,md}

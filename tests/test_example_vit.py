@@ -1,4 +1,4 @@
-"""The ViT task (issue 16): examples/vit_fashion_ocd.py --quick, and OCD on a timm ViT's token-wise MLP layer.
+"""The ViT task: examples/vit_fashion_ocd.py --quick, and OCD on a timm ViT's token-wise MLP layer.
 
 fc2 of a ViT block sees [B, tokens, 768]: the conditioning must pool the tokens, and per-sample weights
 (full and factored) must act on every token as a per-sample copy of the layer would.
