@@ -59,6 +59,18 @@ def test_loss_shape_errors():
     torch.testing.assert_close(mse(torch.ones(3, 1), torch.zeros(3)), torch.ones(3))
 
 
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_batch_mean_loss_is_refused_on_both_paths(small_cnn, closed_form):
+    """A loss reduced over the batch would give every sample the batch's gradient: refused by name."""
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 5, (4,))
+
+    def batch_mean(out, target):
+        return cross_entropy(out, target).mean()
+
+    with pytest.raises(ValueError, match=r"one value per sample \(\[4\]\); got \(\)"):
+        overfit_batch(small_cnn, small_cnn.fc2, x, y, batch_mean, closed_form=closed_form)
+
+
 class _Conv1DNet(torch.nn.Module):
     """A GPT-2 style Conv1D (weight [in, out]) between two Linears."""
 

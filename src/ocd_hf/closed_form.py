@@ -28,6 +28,7 @@ from torch import nn
 
 from .buffers import current_pool
 from .capture import Captured, capture_layer, pool
+from .losses import check_per_sample
 from .modes import eval_mode
 from .per_sample import out_features
 from .prefix import reuse_prefix
@@ -113,11 +114,7 @@ def closed_form_full(
                 else:
                     with prefix.replaying():
                         out = forward_fn(model, inputs)
-                losses = loss_fn(out, targets)
-                if losses.dim() != 1 or losses.shape[0] != batch:
-                    raise ValueError(
-                        f"The loss must return one value per sample ([{batch}]); got {tuple(losses.shape)}."
-                    )
+                losses = check_per_sample(loss_fn(out, targets), batch)
                 (d,) = torch.autograd.grad(losses.sum(), seen["y"], allow_unused=True)
                 d = torch.zeros(batch, out_features(layer), dtype=dtype, device=device) if d is None else d.to(dtype)
                 if k == 1:

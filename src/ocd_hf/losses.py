@@ -11,6 +11,13 @@ import torch.nn.functional as F
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def check_per_sample(losses: torch.Tensor, batch: int) -> torch.Tensor:
+    """`losses` unchanged when it holds one value per sample ([batch]); a clear error otherwise."""
+    if losses.dim() != 1 or losses.shape[0] != batch:
+        raise ValueError(f"The loss must return one value per sample ([{batch}]); got {tuple(losses.shape)}.")
+    return losses
+
+
 def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if output.dim() < 2:
         raise ValueError(f"cross_entropy needs logits of shape [B, C]; got {tuple(output.shape)}.")

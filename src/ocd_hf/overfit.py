@@ -20,7 +20,7 @@ from .buffers import BufferPool, current_pool
 from .capture import capture_layer, pool
 from .closed_form import ADAM_BETAS, closed_form_full, row_std
 from .layers import is_hf_conv1d
-from .losses import LossFn
+from .losses import LossFn, check_per_sample
 from .memory import LayerProbe, overfit_method
 from .modes import eval_mode
 from .per_sample import out_features, per_sample_weights
@@ -224,11 +224,7 @@ def overfit_batch(
                 else:
                     with prefix.replaying():
                         out = forward_fn(model, inputs)
-                losses = loss_fn(out, targets)
-                if losses.dim() != 1 or losses.shape[0] != batch:
-                    raise ValueError(
-                        f"The loss must return one value per sample ([{batch}]); got {tuple(losses.shape)}."
-                    )
+                losses = check_per_sample(loss_fn(out, targets), batch)
                 if step == 0:
                     loss_before = losses.detach()
                     if rank_one and cap.input_ndim != 2:

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from .config import AUTO
 from .integrations import ModelAdapter, get_adapter
 from .layers import is_hf_conv1d, is_supported
-from .losses import LossFn, resolve_loss
+from .losses import LossFn, check_per_sample, resolve_loss
 from .modes import eval_mode
 from .per_sample import per_sample_weights
 from .prefix import reuse_prefix
@@ -300,11 +300,7 @@ def _per_sample_loss(adapter: ModelAdapter, inputs: Any, targets: torch.Tensor, 
             f"The selection batch could not be run through the model and the loss ({type(e).__name__}: {e}). "
             "Pass a batch the model accepts: (inputs, targets) or a dict with a 'labels' entry, and a matching loss."
         ) from e
-    if losses.dim() != 1 or losses.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"The loss must return one value per sample ([{targets.shape[0]}]); got {tuple(losses.shape)}."
-        )
-    return losses
+    return check_per_sample(losses, targets.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------- candidates
