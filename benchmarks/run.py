@@ -40,7 +40,8 @@ GUIDANCE = (1.0, 2.0, 4.0)
 ENSEMBLES = (1, 5, 10)
 GATES = (0.5, 0.7, 0.9, 0.99, 1.01)  # apply the delta only where the base model's max probability < τ
 NUM_SAMPLES = 5  # draws of the main evaluation's ensemble rows
-FEW_STEPS = (1, 2, 10)  # DDIM step counts of the main head's few-step rows (10: the configured count)
+FEW_STEPS = (1, 2, 3, 5, 10)  # DDIM step counts of the main head's sampler rows (10: the configured count)
+DISTILL_STEPS = 300  # `ocd.distill`'s student steps for the main head's distilled row (quick: 10)
 
 # how a head's training deltas were collected
 TRAIN = "train collection"
@@ -74,6 +75,16 @@ def ocd_mean_weights(collection: str, num_samples: int) -> str:
 def ocd_steps(collection: str, steps: int) -> str:
     """One draw of the head collected `collection`-wise, sampled with `steps` DDIM steps."""
     return f"{ocd(collection)}, {steps} DDIM step{'' if steps == 1 else 's'}"
+
+
+def ocd_distilled(collection: str) -> str:
+    """One draw of the head collected `collection`-wise from its distilled one-pass student."""
+    return f"{ocd(collection)}, distilled student"
+
+
+def sampler_rows(collection: str) -> dict[str, str]:
+    """The evaluation's sampler rows (DDIM step counts, the distilled student) -> their labels."""
+    return {Row.ddim_steps(n): ocd_steps(collection, n) for n in FEW_STEPS} | {Row.DISTILLED: ocd_distilled(collection)}
 
 
 def control(row: str, collection: str) -> str:
@@ -255,6 +266,13 @@ def run_one(name: str, seed: int, settings: RunSettings) -> dict[str, Any]:
         }
 
         ocd_tr, store_tr = head(TRAIN, make(), tmp / "train")
+        # the one-pass student gets its own row; the main rows stay the 10-step teacher's
+        t = time.perf_counter()
+        rec["distillation"] = ocd_tr.distill(
+            store_tr, num_steps=10 if settings.quick else DISTILL_STEPS, seed=seed, progress=False
+        )
+        ocd_tr.config = ocd_tr.config.replace(sampler="ddim")
+        rec["seconds"]["distillation"] = time.perf_counter() - t
         alt = None
         if alt_layer is not None:
             big = _numel(ocd_tr, alt_layer) > 65536  # e.g. a 384x1536 body layer: generate u only (docs/factored.md)
@@ -273,7 +291,7 @@ def run_one(name: str, seed: int, settings: RunSettings) -> dict[str, Any]:
             **ev,
         )
         rec["seconds"]["evaluation"] = time.perf_counter() - t
-        rename = head_rows(TRAIN, NUM_SAMPLES) | {Row.ddim_steps(n): ocd_steps(TRAIN, n) for n in FEW_STEPS}
+        rename = head_rows(TRAIN, NUM_SAMPLES) | sampler_rows(TRAIN)
         if alt_layer is not None:
             rename[Row.alternative(alt_layer)] = runner_up(alt_layer)
         add(rep, TRAIN, rename)

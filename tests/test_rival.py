@@ -122,6 +122,25 @@ def test_few_step_rows(fitted):
     # the config's own step count with the same seed is the OCD row itself
     assert r.rows[Row.ddim_steps(steps)]["cross_entropy"] == pytest.approx(r.rows[Row.OCD]["cross_entropy"], rel=1e-6)
     assert r.rows[Row.ddim_steps(1)] != r.rows[Row.OCD]
+    assert r.cosine_to_oracle[Cosine.ddim_steps(steps)] == pytest.approx(r.cosine_to_oracle[Cosine.OCD], rel=1e-6)
+    assert set(r.extra["sampler_ms_per_sample"]) == {Row.ddim_steps(1), Row.ddim_steps(steps)}
+    assert Row.DISTILLED not in r.rows  # the head has no student
+
+
+def test_distilled_row_is_the_students_draw(fitted):
+    ocd, val, test = fitted
+    ocd = copy.deepcopy(ocd)
+    ocd.distill(val, num_steps=3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        student = evaluate(ocd, test, num_samples=1, progress=False)
+        ocd.config = ocd.config.replace(sampler="ddim")
+        teacher = evaluate(ocd, test, num_samples=1, progress=False)
+    # with the student as the sampler, the OCD row is the distilled row's draw (same seed); the teacher's differs
+    assert student.rows[Row.DISTILLED] == pytest.approx(student.rows[Row.OCD], rel=1e-6)
+    assert teacher.rows[Row.DISTILLED] == pytest.approx(student.rows[Row.DISTILLED], rel=1e-6)
+    assert teacher.rows[Row.OCD] != teacher.rows[Row.DISTILLED]
+    assert Row.DISTILLED in teacher.extra["sampler_ms_per_sample"]
 
 
 def _hand_margin(logits, labels):

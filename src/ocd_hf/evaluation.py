@@ -12,7 +12,8 @@ Rows (each only when what it needs is given; their labels are the constants and 
 - predicted-label rival (classification): the oracle's overfitting steps toward the base model's own
   prediction (argmax), no diffusion model; uncalibrated, and at a delta_scale chosen on `validation` by
   the rule OCD's calibration uses (`ocd_hf.calibration.choose_scale`). Its cost per sample is in `extra`;
-- few-step rows (`inference_steps`): one draw with that many DDIM steps, at the head's delta_scale.
+- sampler rows: one draw per DDIM step count in `inference_steps`, and one from the distilled student when
+  the head has one, each at the head's delta_scale; their cosine to the oracle and generation ms per sample.
 Metrics: cross-entropy, accuracy and ECE (15 bins) for classification; RMSE for regression. Also the
 mean cosine of each generated delta to the oracle's, and the sampled Ω_0's health.
 
@@ -78,6 +79,8 @@ class Row:
     """The oracle's overfitting toward the base model's argmax instead of the label (classification)."""
     PREDICTED_LABEL_CALIBRATED = "predicted-label rival, calibrated"
     """The same deltas at a delta_scale chosen on `validation` by OCD's calibration rule."""
+    DISTILLED = "OCD, distilled student"
+    """One draw from the head's one-pass student (`ocd.distill`); present when the head has one."""
 
     @staticmethod
     def ensemble(num_samples: int) -> str:
@@ -123,6 +126,12 @@ class Cosine:
     NEAREST_NEIGHBOUR = Row.NEAREST_NEIGHBOUR
     MEAN_DELTA = "mean training delta"
     PREDICTED_LABEL = Row.PREDICTED_LABEL
+    DISTILLED = Row.DISTILLED
+
+    @staticmethod
+    def ddim_steps(steps: int) -> str:
+        """One draw sampled with `steps` DDIM steps (`Row.ddim_steps`)."""
+        return Row.ddim_steps(steps)
 
 
 @dataclass
@@ -351,6 +360,10 @@ def _calibration_rule(ocd: Any) -> tuple[tuple[float, ...], str, float]:
     return grid, rec.get("rule", "se"), float(rec.get("min_gain_se", 2.0))
 
 
+def _generator(ocd: Any, seed: int) -> torch.Generator:
+    return torch.Generator(device=ocd.device).manual_seed(seed)
+
+
 def _sync(device: Any) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -385,7 +398,13 @@ def evaluate(
     adapter = ocd.adapter
     gen = torch.Generator(device=ocd.device).manual_seed(seed)
     alt_gen = torch.Generator(device=ocd.device).manual_seed(seed)
-    step_gens = {n: torch.Generator(device=ocd.device).manual_seed(seed) for n in inference_steps}
+    # the sampler rows: each step count, and the distilled student when the head has one; own generators
+    samplers = {
+        Row.ddim_steps(n): (c.replace(num_inference_steps=n, sampler="ddim"), _generator(ocd, seed))
+        for n in inference_steps
+    }
+    if ocd.require_head().student is not None:
+        samplers[Row.DISTILLED] = (c.replace(sampler="distilled"), _generator(ocd, seed))
     rows: dict[str, _Meter] = {}
 
     def meter(name: str) -> _Meter:
@@ -492,20 +511,18 @@ def evaluate(
         meter(Row.ensemble(num_samples)).add(combine_draws(outs, task), targets)
         meter(Row.mean_weights(num_samples)).add(ocd.forward_with_deltas(inputs, deltas.mean(0)), targets)
         raw = raw_all[0]
-        for n, step_gen in step_gens.items():
-            few = (
-                ocd.require_head()
-                .generate(
-                    cond,
-                    c.replace(num_inference_steps=n, sampler="ddim"),
-                    1,
-                    step_gen,
-                    delta_scale=ocd.delta_scale,
-                    target_std=ocd.state.target_std,
-                )[0][0]
-                .to(raw.dtype)
-            )
-            meter(Row.ddim_steps(n)).add(ocd.forward_with_deltas(inputs, few), targets)
+        for name, (sampling, sampler_gen) in samplers.items():
+            _sync(ocd.device)
+            t0 = time.perf_counter()
+            # unscaled, so that the cosine exists at delta_scale 0; the row is at the head's delta_scale
+            few = ocd.require_head().generate(
+                cond, sampling, 1, sampler_gen, delta_scale=1.0, target_std=ocd.state.target_std
+            )[0][0]
+            _sync(ocd.device)
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+            few = few.to(raw.dtype)
+            meter(name).add(ocd.forward_with_deltas(inputs, few * ocd.delta_scale), targets)
+            cos.setdefault(name, []).append(_cosine(few, oracle))
         if ocd.delta_scale != 1.0:
             uncalibrated = ocd.forward_with_deltas(inputs, raw)
             meter(Row.OCD_UNCALIBRATED).add(uncalibrated, targets)
@@ -557,6 +574,9 @@ def evaluate(
         # both after the shared conditioning pass; per sample of `dataset`
         extra["predicted_label_ms_per_sample"] = 1000 * seconds["predicted_label"] / counted[0]
         extra["ocd_ms_per_sample"] = 1000 * seconds["ocd"] / counted[0]
+    if samplers and counted[0]:
+        # one draw's generation (conditioning excluded), per sample of `dataset`
+        extra["sampler_ms_per_sample"] = {name: 1000 * seconds[name] / counted[0] for name in samplers}
     health = {}
     if ocd.state.target_std:
         health = {"omega_std": sum(omega_std) / len(omega_std), "target_std": float(ocd.state.target_std)}
