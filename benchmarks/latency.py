@@ -13,13 +13,15 @@ one-by-one calls / one call on a batch of 32 >= 10x; and OCD / base <= 2x for Se
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 DDIM, DEFAULT, HALF = "DDIM 10 steps", "distilled (default)", "distilled, half width"
-SAMPLERS = (DDIM, DEFAULT, HALF)
+COMPILED = "distilled (default), torch.compile"  # `ocd.head.compile()`; left out of --quick (compiling takes a minute)
+SAMPLERS = (DDIM, DEFAULT, HALF, COMPILED)
 GOAL_BATCHED_SPEEDUP = 10.0
 GOAL_SETFIT_RATIO = 2.0
 GOAL_LENET5_RATIO = 20.0
@@ -27,24 +29,32 @@ GOAL_LENET5_RATIO = 20.0
 TIMING_DISTILL = dict(num_steps=2, max_inputs=64, num_draws=2, batch_size=16, progress=False)
 
 
-def add_samplers(ocd: Any, store: Any) -> dict[str, Callable[[], None]]:
-    """Distil both students on `store`; returns sampler name -> a function that switches `ocd` to it."""
+def add_samplers(ocd: Any, store: Any, compiled: bool = True) -> dict[str, Callable[[], None]]:
+    """Distil both students on `store`; returns sampler name -> a function that switches `ocd` to it
+    (`compiled`: also the default student through `torch.compile`)."""
     ocd.distill(store, student_channels="half", **TIMING_DISTILL)
     half = (ocd.head.student, ocd.state.distillation)
     ocd.distill(store, **TIMING_DISTILL)
     default = (ocd.head.student, ocd.state.distillation)
 
+    ocd.head.compile()  # options only: each network compiles on its first compiled call, then is reused
+
     def ddim() -> None:
         ocd.config = ocd.config.replace(sampler="ddim")
+        ocd.head.compile_options = None
 
-    def student(which: tuple[Any, dict]) -> Callable[[], None]:
+    def student(which: tuple[Any, dict], compile_it: bool = False) -> Callable[[], None]:
         def use() -> None:
             ocd.head.student, ocd.state.distillation = which
             ocd.config = ocd.config.replace(sampler="distilled")
+            ocd.head.compile_options = {} if compile_it else None
 
         return use
 
-    return {DDIM: ddim, DEFAULT: student(default), HALF: student(half)}
+    out = {DDIM: ddim, DEFAULT: student(default), HALF: student(half)}
+    if compiled:
+        out[COMPILED] = student(default, compile_it=True)
+    return out
 
 
 def goal_for(key: str, sampler: str, batch: int) -> tuple[str | None, Callable[[float], bool] | None]:
@@ -82,6 +92,12 @@ def bench_inference(
     def ocd_call(name: str, v: Any) -> torch.Tensor:
         samplers[name]()
         return ocd(prepare(v), num_samples=1)
+
+    if COMPILED in samplers:  # compile outside the timings: batch 1, then each batch size
+        t0 = time.perf_counter()
+        for v in [singles[0]] + [inputs[:b] for b in batches]:
+            ocd_call(COMPILED, v)
+        rec.row("compile", label, "first compiled calls, every batch size", [time.perf_counter() - t0])
 
     fns: dict[str, Callable[[], Any]] = {"base 1": lambda: [base(v) for v in singles]}
     for b in batches:
@@ -189,7 +205,8 @@ def latency_markdown(meta: dict[str, Any], rec: Any, goal_cell: Callable[[dict],
         "`ocd(x, num_samples=1)`: an unmodified forward for I(x), Ω₀ from the sampler, a forward with W + Δ (the "
         "layers before L reused from the first pass). Samplers: the 10-step DDIM teacher; the shipped default, "
         "`distill(data)`, a student of the teacher's size; `distill(data, student_channels='half')`, a student "
-        "of half the teacher's width. Batch 1 = the median of "
+        "of half the teacher's width; the default student through `torch.compile` (`ocd.head.compile()`, "
+        "compiled before the timings; its compile time is under the table). Batch 1 = the median of "
         f"{meta['inference_batch']} one-by-one calls, divided by their number. SetFit takes raw strings, "
         "tokenized inside each timed call, for base and OCD alike. The paper's ratios are on a GPU, with DDIM.",
         "",
@@ -226,6 +243,13 @@ def latency_markdown(meta: dict[str, Any], rec: Any, goal_cell: Callable[[dict],
             lat,
         )
     )
+    compiled = [r for r in rows if r["section"] == "compile"]
+    if compiled:
+        out += [
+            "",
+            "Compiling the default student (`ocd.head.compile()`; the first calls at batch 1 and at each batch size "
+            "above): " + ", ".join(f"{r['task']} {r['median_s']:.0f} s" for r in compiled) + ".",
+        ]
     extra = [r for r in rows if r["section"] == "inference" and "predict_proba" in r["name"]]
     if extra:
         out += [

@@ -403,7 +403,8 @@ def bench_task(rec: Recorder, name: str, args: argparse.Namespace) -> None:
             train_batch_size=min(OCDTrainingArguments().train_batch_size, len(store)),
             block_out_channels=list(ocd.config.block_out_channels),
         )
-        samplers = latency.add_samplers(ocd, store)  # the students learn from the collection
+        # the students learn from the collection; compiling takes a minute, so --quick leaves it out
+        samplers = latency.add_samplers(ocd, store, compiled=not args.quick)
 
     # ---- 2 and 3. batched vs one-by-one, OCD vs base, for every sampler (benchmarks.latency)
     latency.bench_inference(rec, name, task, ocd, samplers, args, measure_group, PAPER_GPU_BATCH1[name])
