@@ -120,7 +120,7 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
     md = [
         "## Paper tables on offline stand-ins (3 seeds)",
         "",
-        f"Command: `{COMMAND}` (what `make bench` runs). Mean ± SD over seeds; lower is better "
+        f"Command: `{COMMAND}` (`make bench` adds `--no-ideas`, `make bench-ideas` does not). Mean ± SD over seeds; lower is better "
         "for CE, ECE and RMSE. OCD rows use the head's delta_scale chosen on the validation split "
         "(`OCDWrapper.calibrate`, 0 = switched off when it does not beat base there by 2 SE); "
         '"at delta_scale 1" rows are the uncalibrated heads. "Oracle" rows overfit on the *test* label: '
