@@ -39,6 +39,14 @@ DEFAULT_BUDGET = "3 steps, lr 5e-4 (default)"
 GUIDANCE = (1.0, 2.0, 4.0)
 ENSEMBLES = (1, 5, 10)
 GATES = (0.5, 0.7, 0.9, 0.99, 1.01)  # apply the delta only where the base model's max probability < τ
+# calibration rules compared on every head (`rule_comparison`): label -> (rule, k) of `choose_scale`
+RULES = {
+    "2 SE (default)": ("se", 2.0),
+    "1 SE": ("se", 1.0),
+    "best on val, no guard": ("se", 0.0),
+    "shrinkage, k = 1": ("shrinkage", 1.0),
+    "shrinkage, k = 2": ("shrinkage", 2.0),
+}
 NUM_SAMPLES = 5  # draws of the main evaluation's ensemble rows
 FEW_STEPS = (1, 2, 3, 5, 10)  # DDIM step counts of the main head's sampler rows (10: the configured count)
 DISTILL_STEPS = 300  # `ocd.distill`'s student steps for the main head's distilled row (quick: 10)
@@ -200,6 +208,7 @@ def run_one(name: str, seed: int, settings: RunSettings) -> dict[str, Any]:
         "calibration": {},
         "seconds": {},
         "margins": {},
+        "rules": {},
     }
     kw, train_kw = split_kwargs(task.ocd_kwargs)
     if settings.head_steps and not settings.quick:
@@ -233,6 +242,7 @@ def run_one(name: str, seed: int, settings: RunSettings) -> dict[str, Any]:
         )
         ocd.train_head(store, progress=False, **train_kw)
         rec["calibration"][label] = ocd.calibrate(task.val, batch_size=max(bs, 64), seed=seed, progress=False)
+        rec["rules"][label] = rule_comparison(ocd, task, seed, max(bs, 64))
         rec["seconds"][label] = time.perf_counter() - t
         return ocd, store
 
@@ -328,6 +338,45 @@ def run_one(name: str, seed: int, settings: RunSettings) -> dict[str, Any]:
             rec["ideas"] = ideas(task, seed, make, head, {TRAIN: ocd_tr, CROSS_FIT: ocd_cf}, tmp, ev)
     rec["seconds"]["total"] = time.perf_counter() - t0
     return rec
+
+
+def rule_comparison(ocd, task, seed: int, batch_size: int) -> dict[str, Any]:
+    """What each calibration rule (`RULES`) picks on validation and what that value gains on test.
+
+    The draws are `calibrate`'s own (one per sample, generator seeded with `seed`, the same batch size),
+    so the default rule's pick is the head's delta_scale. Gains are in the task's loss (CE, or squared
+    error for regression), base minus the rule's value, mean over test samples with their standard error.
+    """
+    import math
+
+    from ocd_hf.calibration import choose_scale, grid_losses
+    from ocd_hf.training_args import OCDTrainingArguments
+
+    grid = OCDTrainingArguments().calibration_grid
+
+    def per_sample(dataset):
+        gen = torch.Generator(device=ocd.device).manual_seed(seed)
+        draw = lambda inputs, cond, base_out: ocd.generate_deltas(cond, 1, gen, delta_scale=1.0)[0]  # noqa: E731
+        return grid_losses(ocd, dataset, ocd.loss_fn, grid, draw, batch_size=batch_size, progress=False)
+
+    val, test = per_sample(task.val), per_sample(task.test)
+
+    def on_test(scale: float) -> dict[str, float]:
+        gain = test[0.0] - test[scale]
+        return {
+            "delta_scale": scale,
+            "test_gain": float(gain.mean()),
+            "test_gain_se": float(gain.std() / math.sqrt(len(gain))) if len(gain) > 1 else 0.0,
+        }
+
+    rules = {name: on_test(choose_scale(val, rule=r, min_gain_se=k)["delta_scale"]) for name, (r, k) in RULES.items()}
+    best_test = min(test, key=lambda g: (float(test[g].mean()), g))
+    return {
+        "rules": rules,
+        "best_on_test": on_test(best_test),  # hindsight: the ceiling of any rule on this grid
+        "val_mean_loss": {str(g): float(v.mean()) for g, v in val.items()},
+        "test_mean_loss": {str(g): float(v.mean()) for g, v in test.items()},
+    }
 
 
 def ideas(task, seed, make, head, heads, tmp: Path, ev: dict) -> dict[str, Any]:

@@ -209,6 +209,7 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
             summary[name]["ideas"] = dict(ideas_table(rs, metric))
     md[4:4] = headline(by_task)
     md += across_tasks({k: sorted(v, key=lambda r: r["seed"]) for k, v in by_task.items()})
+    md += rules_markdown({k: sorted(v, key=lambda r: r["seed"]) for k, v in by_task.items()})
     return summary, "\n".join(md) + "\n"
 
 
@@ -332,6 +333,44 @@ def ideas_markdown(name: str, rs: list[dict], metric: str) -> list[str]:
     md.append("For reference on the same seeds: " + "; ".join(f"{k} {v}" for k, v in ref.items()) + ".")
     md.append("")
     return md
+
+
+def rules_markdown(by_task: dict[str, list[dict]]) -> list[str]:
+    """Calibration rules compared on every head of every run (`run.rule_comparison`): the test gain of the
+    value each rule picks on validation, and how often it made test worse than base."""
+    if not all(r.get("rules") for rs in by_task.values() for r in rs):
+        return []
+    heads = (run.TRAIN, run.CROSS_FIT, run.ALTERNATIVE, run.BODY)
+    names = [*run.RULES, "best on test (hindsight)"]
+
+    def pick(entry: dict, name: str) -> dict:
+        return entry["best_on_test"] if name == "best on test (hindsight)" else entry["rules"][name]
+
+    md = [
+        "## Calibration rules, every head of every run",
+        "",
+        "Each rule picks delta_scale from the same validation draws `calibrate` scores (the default rule's pick "
+        "is the head's delta_scale); the cell is the test gain of that pick over base, in the task's loss "
+        "(cross-entropy; squared error for regression), for the train-collection head: mean ± SD over seeds. "
+        "In brackets: regressions (test loss above base) / heads, over every head of every seed (train and "
+        "cross-fit collection, runner-up layer, body layer). The last row picks the best value on test itself: "
+        "a ceiling no rule can pass on this grid, not a method.",
+        "",
+        "| rule | " + " | ".join(by_task) + " | regressions, all tasks | mean gain, all heads |",
+        "|---|" + "---|" * (len(by_task) + 2),
+    ]
+    for name in names:
+        cells, worse, total, gains = [], 0, 0, []
+        for rs in by_task.values():
+            main = [pick(r["rules"][run.TRAIN], name)["test_gain"] for r in rs if run.TRAIN in r["rules"]]
+            entries = [pick(r["rules"][h], name) for r in rs for h in heads if h in r["rules"]]
+            bad = sum(e["test_gain"] < 0 for e in entries)
+            worse, total = worse + bad, total + len(entries)
+            gains += [e["test_gain"] for e in entries]
+            m, sd = mean_sd(main) if main else (float("nan"), float("nan"))
+            cells.append(f"{m:+.4f} ± {sd:.4f} [{bad}/{len(entries)}]")
+        md.append(f"| {name} | " + " | ".join(cells) + f" | {worse}/{total} | {sum(gains) / max(len(gains), 1):+.5f} |")
+    return md + [""]
 
 
 def across_tasks(by_task: dict[str, list[dict]]) -> list[str]:
