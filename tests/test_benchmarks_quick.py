@@ -160,7 +160,10 @@ def test_paper_tables_quick(tmp_path):
         "predicted-label rival, calibrated",
         "OCD (train collection), 1 DDIM step",
         "OCD (train collection), 2 DDIM steps",
+        "OCD (train collection), 3 DDIM steps",
+        "OCD (train collection), 5 DDIM steps",
         "OCD (train collection), 10 DDIM steps",
+        "OCD (train collection), distilled student",
     ):
         assert row in run["rows"], row
         assert all(math.isfinite(v) for v in run["rows"][row].values())
@@ -171,9 +174,13 @@ def test_paper_tables_quick(tmp_path):
     for groups in run["margins"].values():
         assert groups["correct"]["n"] + groups["wrong"]["n"] == run["sizes"]["test"]
     assert run["extra"]["predicted_label_ms_per_sample"] > 0
+    assert all(v > 0 for v in run["extra"]["sampler_ms_per_sample"].values())
+    for head, rules in run["rules"].items():  # the default rule's pick is the head's calibrated delta_scale
+        assert rules["rules"]["2 SE (default)"]["delta_scale"] == run["calibration"][head]["delta_scale"], head
     md = (tmp_path / "paper_tables.md").read_text()
     assert "### digits" in md and "Verdicts (cross_entropy)" in md
     assert "#### digits: margin diagnostic" in md and "| predicted-label rival, calibrated |" in md
+    assert "#### digits: sampling steps and the distilled student" in md and "## Calibration rules" in md
 
 
 def test_tables_reproduce_the_committed_results():
