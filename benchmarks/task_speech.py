@@ -6,8 +6,7 @@
 
 Each (source count, seed) run is saved as build/bench-runs/speech-{S}src-seed{N}.json when it finishes and
 reused by a rerun (--force reruns it), so counts and seeds can run in separate processes and a last call
-with all of them writes the tables. A run already in the --out-dir's speech.json with the same sizes is
-reused as well (the published records stand until --force).
+with all of them writes the tables.
 
 No speech corpus is reachable offline, so every mixture is built here from synthetic "voices"
 (`synth_source`): a harmonic tone whose pitch glides and wobbles (vibrato), shaped by three drifting
@@ -623,16 +622,6 @@ def run_path(runs_dir: str | Path, num_sources: int, seed: int, quick: bool) -> 
     return Path(runs_dir) / f"speech{'-quick' if quick else ''}-{num_sources}src-seed{seed}.json"
 
 
-def _published(out_dir: Path) -> list[dict]:
-    f = out_dir / "speech.json"
-    return json.loads(f.read_text()) if f.exists() else []
-
-
-def _same_sizes(run: dict, sizes: SpeechSizes) -> bool:
-    want = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(sizes).items()}
-    return all(run.get("sizes", {}).get(k) == v for k, v in want.items())
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -659,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out_dir)
     if args.render_only:
-        runs = _published(out)
+        runs = json.loads((out / "speech.json").read_text())
         quick = runs[0]["sizes"]["n_train"] == QUICK.n_train
         counts = sorted({_num_sources(r) for r in runs})
         seeds = sorted({r["seed"] for r in runs})
@@ -671,20 +660,14 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         p.error(f"--num-sources {bad}: use 2 to 6 (PIT tries every permutation of the sources).")
     torch.set_num_threads(args.threads)
-    published = [] if args.force else _published(out)
     runs = []
     for s in counts:
         sizes = dataclasses.replace(base_sizes, num_sources=s)
         for seed in args.seeds:
             path = run_path(args.runs_dir, s, seed, args.quick)
-            old = [r for r in published if r["seed"] == seed and _same_sizes(r, sizes)]
             if path.exists() and not args.force:
                 runs.append(json.loads(path.read_text()))
                 print(f"{s} sources, seed {seed}: saved record {path}", flush=True)
-                continue
-            if old:
-                runs.append(old[0])
-                print(f"{s} sources, seed {seed}: record from {out / 'speech.json'}", flush=True)
                 continue
             runs.append(run_seed(seed, quick=args.quick, sizes=sizes, progress=True))
             atomic_write(path, json.dumps(runs[-1], indent=1) + "\n")
