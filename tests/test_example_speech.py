@@ -3,6 +3,7 @@ mixtures, per-sample weights on the separator's 1x1 projection, and the example'
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from itertools import permutations
@@ -176,6 +177,9 @@ def test_benchmark_num_sources_saves_and_reuses_runs(tmp_path, monkeypatch):
 
     from benchmarks import task_speech
 
+    # smaller than --quick: this test is about the runs' bookkeeping, the quick example covers every step
+    tiny = dataclasses.replace(task_speech.QUICK, n_train=16, n_val=8, n_test=8, base_steps=4, ocd_steps=4)
+    monkeypatch.setattr(task_speech, "QUICK", tiny)
     out, runs = tmp_path / "out", tmp_path / "runs"
     argv = ["--quick", "--seeds", "0", "--num-sources", "2", "3", "--out-dir", str(out), "--runs-dir", str(runs)]
     task_speech.main(argv)
