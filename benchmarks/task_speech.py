@@ -562,7 +562,8 @@ def _markdown_one(runs: list[dict], level: str) -> list[str]:
     partial = [k for r in runs for k in r["rows"] if k not in labels]
     first = runs[0]
     lines = [
-        f"{level} Speech separation (synthetic {_num_sources(first)}-source mixtures; stand-in for Libri5Mix)",
+        f"{level} Speech separation (synthetic {_num_sources(first)}-source mixtures; "
+        f"stand-in for Libri{_num_sources(first)}Mix)",
         "",
         f"Date: {first.get('date', datetime.date.today().isoformat())}, torch {first.get('torch', torch.__version__)}, "
         f"{first.get('threads', 1)} thread(s); seeds {[r['seed'] for r in runs]}.  ",
