@@ -610,7 +610,8 @@ def _markdown(runs: list[dict], command: str) -> str:
         (only,) = groups.values()
         body = _markdown_one(only, "#")
         return "\n".join([*body[:2], cmd, *body[2:]]) + "\n"
-    lines = ["# Speech separation over 2-5 synthetic sources (stand-in for Libri2Mix-Libri5Mix)", "", cmd, ""]
+    counts = ", ".join(map(str, sorted(groups)))
+    lines = [f"# Speech separation on synthetic mixtures of {counts} sources (stand-in for LibriMix)", "", cmd, ""]
     lines += _summary(groups)
     # the paper's five sources first, then the others in order
     for s in sorted(groups, key=lambda s: (s != FULL.num_sources, s)):
