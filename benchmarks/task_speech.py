@@ -613,7 +613,8 @@ def _markdown(runs: list[dict], command: str) -> str:
         (only,) = groups.values()
         body = _markdown_one(only, "#")
         return "\n".join([*body[:2], cmd, *body[2:]]) + "\n"
-    counts = ", ".join(map(str, sorted(groups)))
+    names = [str(c) for c in sorted(groups)]
+    counts = ", ".join(names[:-1]) + " and " + names[-1]
     lines = [f"# Speech separation on synthetic mixtures of {counts} sources (stand-in for LibriMix)", "", cmd, ""]
     lines += _summary(groups)
     # the paper's five sources first, then the others in order
