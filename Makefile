@@ -36,14 +36,14 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The paper's tables (4 tasks x 3 seeds, hours on a CPU: docs/results.md gives the wall time per seed;
-# resumes from build/bench-runs), the paper's other tasks (TinyNeRF, speech separation, ViT; 3 seeds each),
+# resumes from build/bench-runs), the paper's other tasks (TinyNeRF, speech separation over 2-5 sources, ViT; 3 seeds each),
 # the speed table, then docs/results.md. DATA is the folder with
 # vision/, tabular/, text/. The benchmarks are the modules of the benchmarks package (python -m).
 DATA ?= ../shared/data
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.paper_tables --jobs 2 --no-ideas --data-root $(DATA)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.task_nerf --seeds 0 1 2 --figure docs/examples/tinynerf.png
-	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.task_speech --seeds 0 1 2
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.task_speech --num-sources 2 3 4 5 --seeds 0 1 2
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.task_vit --seeds 0 1 2 --data-root $(DATA)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.speed
 	$(BIN)/python -m benchmarks.render_results

@@ -7,7 +7,8 @@
 The mixtures are SYNTHETIC stand-ins for Libri5Mix (harmonic "voices" with gliding pitch, drifting
 formants, syllable-like bursts and noise bursts; no speech corpus is reachable offline): see
 docs/examples/speech.md. The data, the model, SI-SDR / PIT and the scoring live in
-benchmarks/task_speech.py (run from a checkout of the project), which `make bench` runs over 3 seeds.
+benchmarks/task_speech.py (run from a checkout of the project), which `make bench` runs for 2, 3, 4 and 5
+sources x 3 seeds.
 
 Steps: synthesise train / validation / test mixtures, train the separator with permutation-invariant
 SI-SDR, fit OCD on the last block's 1x1 output projection (one sample = one mixture, loss = minus its

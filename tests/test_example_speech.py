@@ -3,6 +3,7 @@ mixtures, per-sample weights on the separator's 1x1 projection, and the example'
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from itertools import permutations
@@ -169,3 +170,71 @@ def test_benchmark_table_from_records(tmp_path):
     # mean ± SD of the per-seed gains (+0.5, -0.1), and one seed of two above the base model
     assert "| OCD | 3.7000 ± 0.2828 | -2.3000 ± 0.2828 | +0.2000 ± 0.4243 | 1/2 |" in md
     assert "OCD at delta_scale 1, SI-SDRi (dB), only in some records: seed 1: 4.2500." in md
+
+
+def test_benchmark_num_sources_saves_and_reuses_runs(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import task_speech
+
+    # smaller than --quick: this test is about the runs' bookkeeping, the quick example covers every step
+    tiny = dataclasses.replace(task_speech.QUICK, n_train=16, n_val=8, n_test=8, base_steps=4, ocd_steps=4)
+    monkeypatch.setattr(task_speech, "QUICK", tiny)
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    argv = ["--quick", "--seeds", "0", "--num-sources", "2", "3", "--out-dir", str(out), "--runs-dir", str(runs)]
+    task_speech.main(argv)
+    for s in (2, 3):
+        rec = json.loads((runs / f"speech-quick-{s}src-seed0.json").read_text())
+        assert rec["sizes"]["num_sources"] == s and rec["cpu_s"] > 0
+        assert rec["sizes"]["channels"] == list(task_speech.QUICK.channels)
+    md = (out / "speech.md").read_text()
+    assert "`python -m benchmarks.task_speech --seeds 0 --num-sources 2 3 --quick`" in md
+    assert md.count("| 2 | 0 |") == 1 and md.count("| 3 | 0 |") == 1  # one summary line per count
+    assert "## Speech separation (synthetic 2-source" in md and "## Speech separation (synthetic 3-source" in md
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a saved run was rerun")
+
+    monkeypatch.setattr(task_speech, "run_seed", no_run)
+    task_speech.main(argv)  # every run saved in runs/
+    assert (out / "speech.md").read_text() == md
+    with pytest.raises(AssertionError, match="rerun"):
+        task_speech.main([*argv, "--force"])
+    with pytest.raises(SystemExit):
+        task_speech.main(["--quick", "--num-sources", "1", "--out-dir", str(out), "--runs-dir", str(runs)])
+
+
+def test_benchmark_summary_over_source_counts(tmp_path):
+    import json
+
+    from benchmarks.task_speech import main
+
+    def record(sources, seed, base, ocd, scale=1.0):
+        rows = {"base": base, "OCD": ocd, "oracle, this layer (test label)": base + 0.5}
+        rows |= {"nearest-neighbour delta": base + 0.1, "mean-delta control": base + 0.01}
+        if scale != 1.0:
+            rows["OCD at delta_scale 1"] = base + 0.02
+        return {
+            "seed": seed,
+            "rows": {k: {"si_sdri": v, "si_sdr": v - 6} for k, v in rows.items()},
+            "sizes": {"num_sources": sources, "n_train": 1000},
+            "cosine_to_oracle": {},
+            "delta_scale": scale,
+            "times_s": {"data": 1, "base": 2, "ocd_fit": 3, "score": 4},
+            "wall_s": 10.0 + seed,
+            "cpu_s": 8.0 + seed,
+        }
+
+    runs = [record(5, 0, 3.0, 3.5), record(2, 1, 5.0, 5.0, scale=0.0), record(2, 0, 6.0, 6.25)]
+    (tmp_path / "speech.json").write_text(json.dumps(runs))
+    main(["--render-only", "--out-dir", str(tmp_path)])
+    md = (tmp_path / "speech.md").read_text()
+    assert "`python -m benchmarks.task_speech --seeds 0 1 --num-sources 2 5`" in md
+    # seeds in order; OCD − base +0.25 and 0 (the off seed); at scale 1: +0.25 (the OCD row) and +0.02
+    assert (
+        "| 2 | 0, 1 | 5.5000 ± 0.7071 | 5.6250 ± 0.8839 | 6.0000 ± 0.7071 | 5.6000 ± 0.7071 (nearest-neighbour delta) "
+        "| +0.1250 ± 0.1768 (1/2) | +0.1350 ± 0.1626 (2/2) | +0.5000 ± 0.0000 (2/2) | 10 / 11 | 8 / 9 |" in md
+    )
+    assert "| 5 | 0 | 3.0000 | 3.5000 | 3.5000 |" in md
+    # the five-source table comes before the others
+    assert md.index("synthetic 5-source") < md.index("synthetic 2-source")
