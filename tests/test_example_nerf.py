@@ -163,3 +163,76 @@ def test_per_view_weights_and_pooling_over_rays_and_samples():
     depths = tn.sample_depths(o.shape[:-1], 5, False, torch.device("cpu")).double()
     enc = tn.positional_encoding(o[..., None, :] + depths[..., None] * d[..., None, :])
     torch.testing.assert_close(cap.layer_input, enc.mean(dim=(1, 2)))
+
+
+def _slow_weighted_pool(model, rays):
+    """Per view, per ray, per sample: the eval forward written out, its volume weights normalised over the
+    view, and the weighted sums of the encoding and of layer1's post-ReLU output."""
+    s = model.num_samples
+    depths = tn.sample_depths((), s, False, torch.device("cpu")).tolist()  # the forward's float32 midpoints
+    i_rows, a_rows = [], []
+    for view in rays:
+        terms = []
+        for ray in view:
+            o, d = ray[:3], ray[3:]
+            trans = 1.0
+            for k, t in enumerate(depths):
+                enc = tn.positional_encoding((o + t * d)[None])[0]
+                h = torch.relu(model.layer1(enc))
+                sigma = torch.relu(model.layer3(torch.relu(model.layer2(h)))[3]).item()
+                nxt = depths[k + 1] if k + 1 < s else tn.FAR
+                alpha = 1.0 - math.exp(-sigma * (nxt - t))
+                terms.append((trans * alpha, enc, h))
+                trans *= 1.0 - alpha + 1e-10
+        total = sum(w for w, _, _ in terms)
+        i_rows.append(sum(w * e for w, e, _ in terms) / total)
+        a_rows.append(sum(w * h for w, _, h in terms) / total)
+    return torch.stack(i_rows), torch.stack(a_rows)
+
+
+def test_nerf_conditioner_pools_with_the_volume_weights_as_a_per_view_loop():
+    from ocd_hf import OCDWrapper
+
+    torch.manual_seed(0)
+    model = tn.TinyNeRF(num_samples=5).eval().double()
+    with torch.no_grad():
+        model.layer3.bias[3] = 1.0  # dense enough that the weights differ from the mean
+    rays = torch.stack([torch.tensor(tn.render_view(tn.SCENES["boxes"], a, 0.5, 3)[0]) for a in (0.0, 2.0)])
+    conditioner = tn.NeRFConditioner(model, image_size=3)  # no encoder: f is the mean colour
+    ocd = OCDWrapper.from_pretrained(model, layer="layer1", conditioner=conditioner)
+    cond, out = ocd.conditioning(rays)
+    with torch.no_grad():
+        i_ref, a_ref = _slow_weighted_pool(model, rays)
+    torch.testing.assert_close(cond.layer_input, i_ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(cond.layer_output, a_ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(cond.model_output, out.mean(1))
+    mean = OCDWrapper.from_pretrained(model, layer="layer1").conditioning(rays)[0]
+    assert not torch.allclose(cond.layer_input, mean.layer_input, atol=1e-3)  # the weights matter here
+    assert conditioner.name == "nerf-volume-weights+mean-colour"
+    # a view that renders nothing pools to zeros instead of dividing by zero
+    torch.testing.assert_close(tn.weighted_pool(torch.zeros(1, 2, 3), torch.ones(1, 2, 3, 4)), torch.zeros(1, 4))
+
+
+def test_encoder_missing_is_said_and_f_encodes_each_rendering(tmp_path):
+    encoder, why = tn.find_encoder(tmp_path)
+    assert encoder is None and str(tmp_path / tn.ENCODER_FILE) in why and "falls back" in why
+    path = tn.DEFAULT_DATA / tn.ENCODER_FILE
+    if not path.exists():
+        path = Path("/work/shared/data") / tn.ENCODER_FILE
+    if not path.exists():
+        pytest.skip(f"no EfficientNet-Lite0 weights at {path} (../shared/data/models)")
+    encoder, why = tn.find_encoder(path.parents[1])
+    assert "EfficientNet-Lite0" in why
+    torch.manual_seed(0)
+    model = tn.TinyNeRF(num_samples=4).eval()
+    conditioner = tn.NeRFConditioner(model, image_size=4, encoder=encoder, encode_size=32)
+    assert conditioner.name == "nerf-volume-weights+efficientnet-lite0"
+    images = torch.rand(2, 16, 3)
+    f = conditioner.encode(images)
+    assert f.shape == (2, 1280)
+    for b in range(2):  # one view at a time, the image laid out row by row as the camera's rays are
+        img = images[b].reshape(4, 4, 3).permute(2, 0, 1)[None]
+        x = torch.nn.functional.interpolate(img, size=32, mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            want = encoder.forward_head(encoder.forward_features((x * 255 - 127) / 128), pre_logits=True)
+        torch.testing.assert_close(f[b : b + 1], want, rtol=1e-4, atol=1e-5)
