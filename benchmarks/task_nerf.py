@@ -390,7 +390,7 @@ def find_encoder(data_root: str | Path | None) -> tuple[nn.Module | None, str]:
             f"mean rendered colour: no EfficientNet-Lite0 weights at {path} (pass --data-root with "
             f"{ENCODER_FILE}), so f falls back to the core's mean pooling of the rendering"
         )
-    return load_encoder(path), f"EfficientNet-Lite0 pooled features (1280) of the rendering, from {path}"
+    return load_encoder(path), f"EfficientNet-Lite0 ImageNet logits (1000) of the rendering, from {path}"
 
 
 class NeRFConditioner(Conditioner):
@@ -398,8 +398,10 @@ class NeRFConditioner(Conditioner):
 
     i_L (the positional encodings) and a_L (`layer1`'s output after its ReLU) are pooled over [rays, samples]
     with the volume-rendering weights, normalised per view, so empty space along a ray does not count. f is the
-    encoder's global-pooled features of the base model's rendering of the view: resized to `encode_size`, scaled
-    as the weights expect ((x·255 − 127) / 128). Without an encoder f is the mean rendered colour.
+    encoder's 1,000 ImageNet logits of the base model's rendering of the view (as the official code took VGG-11's
+    logits; they matched the training views' deltas a little better than the 1,280 pooled features, see
+    docs/examples/nerf.md): the rendering resized to `encode_size` and scaled as the weights expect
+    ((x·255 − 127) / 128). Without an encoder f is the mean rendered colour.
 
     Args:
         model: The TinyNeRF (its `volume_weights` gives the weights from `layer1`'s output).
@@ -419,14 +421,14 @@ class NeRFConditioner(Conditioner):
         return Conditioning(i_l, a_l, self.encode(model_output))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Renderings [B, R, 3] -> [B, 1280] encoder features ([B, 3] mean colour without an encoder)."""
+        """Renderings [B, R, 3] -> [B, 1000] encoder logits ([B, 3] mean colour without an encoder)."""
         if self.encoder is None:
             return images.mean(1)
         side = self.image_size
         x = images.reshape(-1, side, side, 3).permute(0, 3, 1, 2).clamp(0, 1).float()
         x = nn.functional.interpolate(x, size=self.encode_size, mode="bilinear", align_corners=False)
         e = self.encoder
-        return e.forward_head(e.forward_features((x * 255 - 127) / 128), pre_logits=True).to(images.dtype)
+        return e.forward_head(e.forward_features((x * 255 - 127) / 128)).to(images.dtype)
 
 
 def train_base(dataset: TensorDataset, sizes: Sizes, seed: int) -> TinyNeRF:
