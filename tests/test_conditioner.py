@@ -114,6 +114,8 @@ def test_custom_conditioner_round_trip_and_refusals(tmp_path):
     loaded = OCDWrapper.from_pretrained(model, folder, conditioner=OutputWeighted())
     assert torch.equal(loaded(x, generator=torch.Generator().manual_seed(3)), want)
     assert "output-weighted" in repr(loaded)
+    card = (tmp_path / "head" / "README.md").read_text()
+    assert "conditioner `output-weighted`" in card and "conditioner=...)" in card
     with pytest.raises(ValueError, match=r"'output-weighted'.*'mean'.*conditioner=") as err:
         OCDWrapper.from_pretrained(model, folder)
     assert "named 'output-weighted'" in str(err.value)
