@@ -452,6 +452,33 @@ def train_base(dataset: TensorDataset, sizes: Sizes, seed: int) -> TinyNeRF:
     return model.eval()
 
 
+MAX_BASE_RESTARTS = 3  # base models retrained from a new initialisation when one renders nothing
+
+
+@torch.no_grad()
+def renders_nothing(model: TinyNeRF, rays: torch.Tensor, views_per_pass: int = 8) -> bool:
+    """Whether every eval-mode rendering of `rays` [V, R, 6] is exactly black: the density died (σ = 0 on every
+    sample, the ReLU on σ closed for good), so no weight gets a gradient and OCD has nothing to learn."""
+    return all(float(model(rays[v : v + views_per_pass]).amax()) == 0.0 for v in range(0, len(rays), views_per_pass))
+
+
+def train_live_base(dataset: TensorDataset, sizes: Sizes, seed: int) -> tuple[TinyNeRF, int]:
+    """`train_base`, retrained from seed + 1000·k (k = 1, 2, ...) while the result renders nothing.
+
+    Returns the model and k, the number of restarts (0 almost always; recorded per scene).
+
+    Raises:
+        RuntimeError: every attempt collapsed.
+    """
+    for restart in range(MAX_BASE_RESTARTS + 1):
+        model = train_base(dataset, sizes, seed + 1000 * restart)
+        if not renders_nothing(model, dataset.tensors[0]):
+            return model, restart
+    raise RuntimeError(
+        f"The TinyNeRF's density collapsed to zero in all {MAX_BASE_RESTARTS + 1} trainings (seed {seed})."
+    )
+
+
 # ---------------------------------------------------------------------------------------------- OCD per scene
 def psnr(mse: float) -> float:
     """Peak signal-to-noise ratio (images in [0, 1]) of a mean squared error."""
@@ -528,8 +555,10 @@ def run_seed(
     quick: bool = False,
     keep: bool = False,
     conditioning: str = "nerf",
+    scenes: list[str] | None = None,
+    scene_dir: str | Path | None = None,
 ) -> dict:
-    """Render the three scenes, train a TinyNeRF and fit OCD per scene; rows averaged over scenes.
+    """Render the scenes, train a TinyNeRF and fit OCD per scene; rows averaged over scenes.
 
     Args:
         seed: seeds the held-out viewpoints, the base models, the heads and the draws.
@@ -538,11 +567,15 @@ def run_seed(
         quick: tiny sizes (8×8 images) that run in seconds.
         keep: also return per scene the wrapper and the test renders (`fit_scene`), not JSON-able.
         conditioning: "nerf" (`NeRFConditioner`) or "mean" (the core's mean pooling).
+        scenes: which of `SCENES` (all when None).
+        scene_dir: each scene's result is saved here (`scene_path`) and reused when present, so the scenes of
+            one seed can run as separate processes. Not with `keep`.
+
+    The record's `wall_s` and `cpu_s` are the sums over its scenes (each scene's are in `times`).
     """
     if conditioning not in CONDITIONINGS:
         raise ValueError(f"conditioning={conditioning!r}; choose one of {CONDITIONINGS}.")
     torch.set_num_threads(1)
-    t0, c0 = time.perf_counter(), time.process_time()
     sizes = QUICK if quick else FULL
     encoder, f_made = None, "mean rendered colour (the core's mean pooling)"
     if conditioning == "nerf":
@@ -552,19 +585,34 @@ def run_seed(
             print(f"NOTE: f is the {f_made}", file=sys.stderr, flush=True)
     poses = view_poses(seed, sizes)
     per_group, kept, times = {}, {}, {}
-    for name, scene in SCENES.items():
-        ts = time.perf_counter()
-        splits = {split: scene_dataset(scene, p, sizes.image) for split, p in poses.items()}
-        model = train_base(splits["train"], sizes, seed)
+    for name in scenes or list(SCENES):
+        cache = None if scene_dir is None or keep else scene_path(scene_dir, seed, name, quick, conditioning)
+        if cache is not None and cache.exists():
+            saved = json.loads(cache.read_text())
+            per_group[name], times[name] = saved["result"], saved["times"]
+            continue
+        ts, cs = time.perf_counter(), time.process_time()
+        splits = {split: scene_dataset(SCENES[name], p, sizes.image) for split, p in poses.items()}
+        model, restarts = train_live_base(splits["train"], sizes, seed)
         tb = time.perf_counter()
         conditioner = (
             NeRFConditioner(model, sizes.image, encoder, sizes.encode_size) if conditioning == "nerf" else None
         )
         result = fit_scene(model, splits, sizes, seed, keep=keep, conditioner=conditioner)
-        times[name] = {"base_s": tb - ts, "ocd_s": time.perf_counter() - tb}
+        result["base_restarts"] = restarts
+        times[name] = {
+            "base_s": tb - ts,
+            "ocd_s": time.perf_counter() - tb,
+            "wall_s": time.perf_counter() - ts,
+            "cpu_s": time.process_time() - cs,  # this process's CPU time: less sensitive to the machine's load
+        }
         if keep:
             kept[name] = {"renders": result.pop("renders"), "ocd": result.pop("ocd")}
         per_group[name] = result
+        if cache is not None:
+            from benchmarks.tables import atomic_write
+
+            atomic_write(cache, json.dumps({"result": result, "times": times[name]}, indent=1) + "\n")
     labels = [k for k in next(iter(per_group.values()))["rows"] if all(k in g["rows"] for g in per_group.values())]
     rows = {}
     for label in labels:
@@ -579,7 +627,7 @@ def run_seed(
         "per_group": per_group,
         "sizes": {
             **sizes.__dict__,
-            "scenes": list(SCENES),
+            "scenes": list(per_group),
             "layer": "layer1",
             "weight_shape": [128, 3 + 6 * NUM_FREQS],
             **OVERFIT,
@@ -592,8 +640,8 @@ def run_seed(
             "f": f_made,
         },
         "times": times,
-        "wall_s": time.perf_counter() - t0,
-        "cpu_s": time.process_time() - c0,  # this process's CPU time: less sensitive to the machine's load
+        "wall_s": sum(t.get("wall_s", t["base_s"] + t["ocd_s"]) for t in times.values()),
+        "cpu_s": sum(t.get("cpu_s", float("nan")) for t in times.values()),
     }
     if keep:
         record["kept"] = kept
@@ -712,6 +760,12 @@ def comparison(records: list[dict], other: list[dict]) -> list[str]:
     return lines
 
 
+def scene_path(runs_dir: str | Path, seed: int, scene: str, quick: bool, conditioning: str = "nerf") -> Path:
+    """Where one scene's result of one seed is saved (`run_seed(scene_dir=...)`)."""
+    seed_record = run_path(runs_dir, seed, quick, conditioning)
+    return seed_record.with_name(f"{seed_record.stem}-{scene}.json")
+
+
 def run_path(runs_dir: str | Path, seed: int, quick: bool, conditioning: str = "nerf") -> Path:
     """Where one seed's record is saved (quick runs and the mean-pooling conditioning apart)."""
     tag = ("-mean" if conditioning == "mean" else "") + ("-quick" if quick else "")
@@ -732,7 +786,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--conditioning", choices=CONDITIONINGS, default="nerf")
     p.add_argument("--out-dir", default="docs/results")
     p.add_argument("--runs-dir", default=str(ROOT / "build" / "bench-runs"), help="per-seed records, reused by a rerun")
-    p.add_argument("--force", action="store_true", help="rerun seeds whose record is saved")
+    p.add_argument("--force", action="store_true", help="rerun seeds (and scenes) whose record is saved")
+    p.add_argument(
+        "--scenes",
+        nargs="+",
+        choices=list(SCENES),
+        default=None,
+        help="run only these scenes, saving each one's result in --runs-dir (a later call with all scenes "
+        "assembles the seed from them): the scenes of a seed can run as parallel processes",
+    )
     p.add_argument("--figure", default=None, help="also save the first seed's figure (save_figure) here")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -746,18 +808,35 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     for seed in args.seeds:
         path = run_path(args.runs_dir, seed, args.quick, args.conditioning)
-        if path.exists() and not args.force:
+        subset = args.scenes is not None and set(args.scenes) != set(SCENES)
+        if path.exists() and not args.force and not subset:
             records.append(json.loads(path.read_text()))
             print(f"seed {seed}: saved record {path}", flush=True)
             continue
-        figure = bool(args.figure) and seed == args.seeds[0]
-        record = run_seed(seed, data_root=args.data_root, quick=args.quick, keep=figure, conditioning=args.conditioning)
+        if args.force:
+            for name in args.scenes or SCENES:
+                scene_path(args.runs_dir, seed, name, args.quick, args.conditioning).unlink(missing_ok=True)
+        figure = bool(args.figure) and seed == args.seeds[0] and not subset
+        record = run_seed(
+            seed,
+            data_root=args.data_root,
+            quick=args.quick,
+            keep=figure,
+            conditioning=args.conditioning,
+            scenes=args.scenes,
+            scene_dir=args.runs_dir,
+        )
+        if subset:
+            print(f"seed {seed}: scenes {args.scenes} saved in {args.runs_dir}", flush=True)
+            continue
         if "kept" in record:
             save_figure(record, args.figure)
             del record["kept"]
         atomic_write(path, json.dumps(record, indent=1) + "\n")
         records.append(record)
         print(json.dumps({"seed": seed, "rows": record["rows"], "wall_s": record["wall_s"]}), flush=True)
+    if not records:
+        return
     other = "mean" if args.conditioning == "nerf" else "nerf"
     compare = [
         json.loads(q.read_text())

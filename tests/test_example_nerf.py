@@ -236,3 +236,43 @@ def test_encoder_missing_is_said_and_f_encodes_each_rendering(tmp_path):
         with torch.no_grad():
             want = encoder((x * 255 - 127) / 128)  # ImageNet logits
         torch.testing.assert_close(f[b : b + 1], want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_base_model_that_renders_nothing_is_retrained(monkeypatch):
+    """A TinyNeRF whose density ReLU closed everywhere renders black and gives OCD only zero deltas ("Every
+    collected sample has a zero delta"): seed 2's planes did. `train_live_base` retrains it from a new seed."""
+    torch.manual_seed(0)
+    rays = torch.tensor(tn.render_view(tn.SCENES["planes"], 0.3, 0.5, 4)[0], dtype=torch.float32)[None]
+    alive = tn.TinyNeRF(num_samples=4).eval()
+    dead = tn.TinyNeRF(num_samples=4).eval()
+    with torch.no_grad():
+        dead.layer3.bias[3] = -1e3  # σ = relu(raw) = 0 on every sample
+    assert tn.renders_nothing(dead, rays) and not tn.renders_nothing(alive, rays)
+    seeds = []
+
+    def fake_train(dataset, sizes, seed):
+        seeds.append(seed)
+        return dead if len(seeds) < 3 else alive
+
+    monkeypatch.setattr(tn, "train_base", fake_train)
+    data = torch.utils.data.TensorDataset(rays, torch.zeros(1, 16, 3))
+    model, restarts = tn.train_live_base(data, tn.QUICK, 5)
+    assert model is alive and restarts == 2 and seeds == [5, 1005, 2005]
+    monkeypatch.setattr(tn, "train_base", lambda dataset, sizes, seed: dead)
+    with pytest.raises(RuntimeError, match="collapsed"):
+        tn.train_live_base(data, tn.QUICK, 5)
+
+
+def test_scene_results_are_saved_and_reused(tmp_path, monkeypatch):
+    first = tn.run_seed(0, quick=True, conditioning="mean", scenes=["planes"], scene_dir=tmp_path)
+    saved = tn.scene_path(tmp_path, 0, "planes", True, "mean")
+    assert (
+        saved.exists() and first["sizes"]["scenes"] == ["planes"] and first["per_group"]["planes"]["base_restarts"] == 0
+    )
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("a saved scene was fitted again")
+
+    monkeypatch.setattr(tn, "fit_scene", no_refit)
+    again = tn.run_seed(0, quick=True, conditioning="mean", scenes=["planes"], scene_dir=tmp_path)
+    assert again["rows"] == first["rows"] and again["cpu_s"] == first["cpu_s"]
