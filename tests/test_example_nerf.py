@@ -248,6 +248,14 @@ def test_a_base_model_that_renders_nothing_is_retrained(monkeypatch):
     with torch.no_grad():
         dead.layer3.bias[3] = -1e3  # σ = relu(raw) = 0 on every sample
     assert tn.renders_nothing(dead, rays) and not tn.renders_nothing(alive, rays)
+    from conftest import TINY_HEAD
+
+    from ocd_hf import OCDWrapper
+
+    ocd = OCDWrapper.from_pretrained(dead, layer="layer1", loss="mse", task="regression", **TINY_HEAD)
+    views = torch.utils.data.TensorDataset(rays.repeat(2, 1, 1), torch.rand(2, 16, 3))
+    with pytest.raises(ValueError, match="zero delta.*ReLU closed for every input"):
+        ocd.fit(views, num_train_steps=2, progress=False)
     seeds = []
 
     def fake_train(dataset, sizes, seed):
