@@ -12,10 +12,17 @@ Everything runs offline from a seed:
   not see the view direction, so the Phong highlight is something only a per-view weight can fit.
 - One OCD sample is one view: the input is the view's rays [R, 6] (origin, direction), the output its rendered
   image [R, 3], the loss the view's MSE. The target layer `layer1` sees [rays, samples, 39] per view; OCD's
-  per-sample weights and its mean pooling of the conditioning work over those extra dims unchanged.
-  Overfitting follows the official code: 10 Adam steps at lr 5e-3.
+  per-sample weights work over those extra dims unchanged. Overfitting follows the official code: 10 Adam
+  steps at lr 5e-3.
+- The conditioning follows the official code too (`NeRFConditioner`, an `ocd_hf.Conditioner`): i_L and the
+  post-ReLU a_L pooled over [rays, samples] with the volume-rendering weights (normalised per view), and f an
+  image encoding of the base model's own rendering of the view by the packaged EfficientNet-Lite0 (the
+  official code used VGG-11 logits). `--conditioning mean` runs the core's default mean pooling instead.
 
-    python -m benchmarks.task_nerf --seeds 0 1 2 [--quick] [--out-dir docs/results]
+    python -m benchmarks.task_nerf --seeds 0 1 2 [--quick] [--conditioning nerf|mean] [--data-root ../shared/data]
+
+Each seed's record is saved to build/bench-runs/nerf[-mean][-quick]-seed{N}.json as it finishes and reused by a
+rerun (`--force` reruns): seeds can run as parallel processes, then one call with all seeds writes the tables.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +46,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ocd_hf import Conditioner, Conditioning
+
 NEAR, FAR = 2.0, 6.0  # every scene lies within this depth range of every camera (camera radius 4)
 CAMERA_RADIUS = 4.0
 FOV_DEG = 45.0
@@ -45,6 +56,10 @@ ELEVATIONS_DEG = (20.0, 45.0)  # the camera band
 LIGHT_DIR = np.array([0.5, 1.0, 0.3]) / np.linalg.norm([0.5, 1.0, 0.3])  # towards the light
 AMBIENT, DIFFUSE, SPECULAR = 0.15, 0.75, 0.6
 OVERFIT = dict(overfit_steps=10, overfit_lr=5e-3)  # the official code's NeRF setting
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+ENCODER_FILE = Path("models") / "efficientnet-lite0-57934424.pth"  # under the data root
+ENCODER_ARCH = "tf_efficientnet_lite0"
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,7 @@ class Sizes:
     base_steps: int
     rays_per_step: int
     head_steps: int
+    encode_size: int  # the rendering is resized to this square before the image encoder
 
 
 FULL = Sizes(
@@ -70,9 +86,18 @@ FULL = Sizes(
     base_steps=800,
     rays_per_step=1024,
     head_steps=600,
+    encode_size=224,  # EfficientNet-Lite0's training resolution
 )
 QUICK = Sizes(
-    image=8, num_samples=12, train_views=8, val_views=3, test_views=3, base_steps=100, rays_per_step=128, head_steps=20
+    image=8,
+    num_samples=12,
+    train_views=8,
+    val_views=3,
+    test_views=3,
+    base_steps=100,
+    rays_per_step=128,
+    head_steps=20,
+    encode_size=64,
 )
 
 
@@ -313,9 +338,97 @@ class TinyNeRF(nn.Module):
         o, d = rays[..., :3], rays[..., 3:]
         depths = sample_depths(o.shape[:-1], self.num_samples, self.training, rays.device)
         points = o[..., None, :] + depths[..., None] * d[..., None, :]  # [B, R, S, 3]
-        h = torch.relu(self.layer1(positional_encoding(points, self.num_freqs)))
-        raw = self.layer3(torch.relu(self.layer2(h)))
-        return volume_render(torch.sigmoid(raw[..., :3]), torch.relu(raw[..., 3]), depths)[0]
+        return volume_render(*self.tail(self.layer1(positional_encoding(points, self.num_freqs))), depths)[0]
+
+    def tail(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Colour [..., 3] and density [...] of the samples whose `layer1` output (before its ReLU) is h."""
+        raw = self.layer3(torch.relu(self.layer2(torch.relu(h))))
+        return torch.sigmoid(raw[..., :3]), torch.relu(raw[..., 3])
+
+    def volume_weights(self, h: torch.Tensor) -> torch.Tensor:
+        """The volume-rendering weights T_i α_i [..., S] of an eval-mode forward whose `layer1` output was h.
+
+        Eval-mode depths are the fixed bin midpoints, so the weights follow from h alone: this is what the
+        forward computed, recomputed from what OCD's capture sees, without state kept on the model.
+        """
+        depths = sample_depths(h.shape[:-2], self.num_samples, False, h.device).to(h.dtype)
+        return volume_render(*self.tail(h), depths)[1]
+
+
+# ---------------------------------------------------------------------------------------------- the conditioning
+def weighted_pool(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Σ_{r,s} w_rs v_rs / Σ_{r,s} w_rs per view: weights [B, R, S], values [B, R, S, D] -> [B, D].
+
+    A view whose weights are all zero (nothing rendered) pools to zeros.
+    """
+    w = weights / weights.sum((1, 2), keepdim=True).clamp_min(1e-12)
+    return torch.einsum("brs,brsd->bd", w.to(values.dtype), values)
+
+
+def load_encoder(path: str | Path) -> nn.Module:
+    """The packaged EfficientNet-Lite0 (timm `tf_efficientnet_lite0`, ImageNet weights), in eval mode.
+
+    The state dict's tensors match timm's in shape and order, under other names.
+    """
+    import timm
+
+    model = timm.create_model(ENCODER_ARCH, pretrained=False)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if len(sd) != len(model.state_dict()) or any(
+        a.shape != b.shape for a, b in zip(model.state_dict().values(), sd.values())
+    ):
+        raise ValueError(f"{path} does not hold {ENCODER_ARCH} weights (tensor count or shapes differ).")
+    model.load_state_dict(dict(zip(model.state_dict(), sd.values())))
+    return model.eval().requires_grad_(False)
+
+
+def find_encoder(data_root: str | Path | None) -> tuple[nn.Module | None, str]:
+    """(the encoder, how f is made) from `data_root`/models; (None, the reason) when its weights are absent."""
+    path = Path(data_root or DEFAULT_DATA) / ENCODER_FILE
+    if not path.exists():
+        return None, (
+            f"mean rendered colour: no EfficientNet-Lite0 weights at {path} (pass --data-root with "
+            f"{ENCODER_FILE}), so f falls back to the core's mean pooling of the rendering"
+        )
+    return load_encoder(path), f"EfficientNet-Lite0 ImageNet logits (1000) of the rendering, from {path}"
+
+
+class NeRFConditioner(Conditioner):
+    """I(x) of one view as the official code made it: volume-weighted pooling and an encoding of the rendering.
+
+    i_L (the positional encodings) and a_L (`layer1`'s output after its ReLU) are pooled over [rays, samples]
+    with the volume-rendering weights, normalised per view, so empty space along a ray does not count. f is the
+    encoder's 1,000 ImageNet logits of the base model's rendering of the view (as the official code took VGG-11's
+    logits; they matched the training views' deltas a little better than the 1,280 pooled features, see
+    docs/examples/nerf.md): the rendering resized to `encode_size` and scaled as the weights expect
+    ((x·255 − 127) / 128). Without an encoder f is the mean rendered colour.
+
+    Args:
+        model: The TinyNeRF (its `volume_weights` gives the weights from `layer1`'s output).
+        image_size: Side of the square rendering (rays per view = image_size²).
+        encoder: An image model with timm's `forward_features` / `forward_head`, or None.
+        encode_size: Side the rendering is resized to before the encoder.
+    """
+
+    def __init__(self, model: TinyNeRF, image_size: int, encoder: nn.Module | None = None, encode_size: int = 224):
+        self.model, self.image_size, self.encoder, self.encode_size = model, image_size, encoder, encode_size
+        self.name = "nerf-volume-weights+" + ("efficientnet-lite0" if encoder is not None else "mean-colour")
+
+    def __call__(self, layer_input, layer_output, model_output, channels_first=False) -> Conditioning:
+        weights = self.model.volume_weights(layer_output)
+        i_l = weighted_pool(weights, layer_input)
+        a_l = weighted_pool(weights, torch.relu(layer_output))
+        return Conditioning(i_l, a_l, self.encode(model_output))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Renderings [B, R, 3] -> [B, 1000] encoder logits ([B, 3] mean colour without an encoder)."""
+        if self.encoder is None:
+            return images.mean(1)
+        side = self.image_size
+        x = images.reshape(-1, side, side, 3).permute(0, 3, 1, 2).clamp(0, 1).float()
+        x = nn.functional.interpolate(x, size=self.encode_size, mode="bilinear", align_corners=False)
+        e = self.encoder
+        return e.forward_head(e.forward_features((x * 255 - 127) / 128)).to(images.dtype)
 
 
 def train_base(dataset: TensorDataset, sizes: Sizes, seed: int) -> TinyNeRF:
@@ -339,6 +452,33 @@ def train_base(dataset: TensorDataset, sizes: Sizes, seed: int) -> TinyNeRF:
     return model.eval()
 
 
+MAX_BASE_RESTARTS = 3  # base models retrained from a new initialisation when one renders nothing
+
+
+@torch.no_grad()
+def renders_nothing(model: TinyNeRF, rays: torch.Tensor, views_per_pass: int = 8) -> bool:
+    """Whether every eval-mode rendering of `rays` [V, R, 6] is exactly black: the density died (σ = 0 on every
+    sample, the ReLU on σ closed for good), so no weight gets a gradient and OCD has nothing to learn."""
+    return all(float(model(rays[v : v + views_per_pass]).amax()) == 0.0 for v in range(0, len(rays), views_per_pass))
+
+
+def train_live_base(dataset: TensorDataset, sizes: Sizes, seed: int) -> tuple[TinyNeRF, int]:
+    """`train_base`, retrained from seed + 1000·k (k = 1, 2, ...) while the result renders nothing.
+
+    Returns the model and k, the number of restarts (0 almost always; recorded per scene).
+
+    Raises:
+        RuntimeError: every attempt collapsed.
+    """
+    for restart in range(MAX_BASE_RESTARTS + 1):
+        model = train_base(dataset, sizes, seed + 1000 * restart)
+        if not renders_nothing(model, dataset.tensors[0]):
+            return model, restart
+    raise RuntimeError(
+        f"The TinyNeRF's density collapsed to zero in all {MAX_BASE_RESTARTS + 1} trainings (seed {seed})."
+    )
+
+
 # ---------------------------------------------------------------------------------------------- OCD per scene
 def psnr(mse: float) -> float:
     """Peak signal-to-noise ratio (images in [0, 1]) of a mean squared error."""
@@ -346,18 +486,26 @@ def psnr(mse: float) -> float:
 
 
 def fit_scene(
-    model: TinyNeRF, splits: dict[str, TensorDataset], sizes: Sizes, seed: int, keep: bool = False
+    model: TinyNeRF,
+    splits: dict[str, TensorDataset],
+    sizes: Sizes,
+    seed: int,
+    keep: bool = False,
+    conditioner: Conditioner | None = None,
 ) -> dict[str, Any]:
     """Fit OCD on `layer1` of one scene's TinyNeRF and score every row on the test views.
 
     Returns {"rows": {label: {"mse", "psnr"}}, "health", "delta_scale", ...}; with `keep`, also the wrapper,
-    and the base / OCD / oracle renders of the test views (for the figure).
+    and the base / OCD / oracle renders of the test views (for the figure). `conditioner`: how I(x) is made
+    (None: the core's mean pooling).
     """
     from ocd_hf import OCDTrainer, OCDTrainingArguments, OCDWrapper
     from ocd_hf.evaluation import Row, evaluate
     from ocd_hf.overfit import overfit_batch
 
-    ocd = OCDWrapper.from_pretrained(model, layer="layer1", loss="mse", task="regression", **OVERFIT)
+    ocd = OCDWrapper.from_pretrained(
+        model, layer="layer1", loss="mse", task="regression", conditioner=conditioner, **OVERFIT
+    )
     args = OCDTrainingArguments(
         num_train_steps=sizes.head_steps, seed=seed, collect_batch_size=8, train_batch_size=16, progress=False
     )
@@ -397,31 +545,74 @@ def fit_scene(
     return out
 
 
-def run_seed(seed: int, *, data_root: str | Path | None = None, quick: bool = False, keep: bool = False) -> dict:
-    """Render the three scenes, train a TinyNeRF and fit OCD per scene; rows averaged over scenes.
+CONDITIONINGS = ("nerf", "mean")
+
+
+def run_seed(
+    seed: int,
+    *,
+    data_root: str | Path | None = None,
+    quick: bool = False,
+    keep: bool = False,
+    conditioning: str = "nerf",
+    scenes: list[str] | None = None,
+    scene_dir: str | Path | None = None,
+) -> dict:
+    """Render the scenes, train a TinyNeRF and fit OCD per scene; rows averaged over scenes.
 
     Args:
         seed: seeds the held-out viewpoints, the base models, the heads and the draws.
-        data_root: unused (the scenes are rendered here); accepted for the benchmark interface.
+        data_root: the folder with models/efficientnet-lite0-57934424.pth (the image encoder of f); the
+            scenes themselves are rendered here.
         quick: tiny sizes (8×8 images) that run in seconds.
         keep: also return per scene the wrapper and the test renders (`fit_scene`), not JSON-able.
+        conditioning: "nerf" (`NeRFConditioner`) or "mean" (the core's mean pooling).
+        scenes: which of `SCENES` (all when None).
+        scene_dir: each scene's result is saved here (`scene_path`) and reused when present, so the scenes of
+            one seed can run as separate processes. Not with `keep`.
+
+    The record's `wall_s` and `cpu_s` are the sums over its scenes (each scene's are in `times`).
     """
-    del data_root
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"conditioning={conditioning!r}; choose one of {CONDITIONINGS}.")
     torch.set_num_threads(1)
-    t0, c0 = time.perf_counter(), time.process_time()
     sizes = QUICK if quick else FULL
+    encoder, f_made = None, "mean rendered colour (the core's mean pooling)"
+    if conditioning == "nerf":
+        encoder, f_made = find_encoder(data_root)
+        if encoder is None:
+            warnings.warn(f"TinyNeRF conditioning: f is the {f_made}.", stacklevel=2)
+            print(f"NOTE: f is the {f_made}", file=sys.stderr, flush=True)
     poses = view_poses(seed, sizes)
     per_group, kept, times = {}, {}, {}
-    for name, scene in SCENES.items():
-        ts = time.perf_counter()
-        splits = {split: scene_dataset(scene, p, sizes.image) for split, p in poses.items()}
-        model = train_base(splits["train"], sizes, seed)
+    for name in scenes or list(SCENES):
+        cache = None if scene_dir is None or keep else scene_path(scene_dir, seed, name, quick, conditioning)
+        if cache is not None and cache.exists():
+            saved = json.loads(cache.read_text())
+            per_group[name], times[name] = saved["result"], saved["times"]
+            continue
+        ts, cs = time.perf_counter(), time.process_time()
+        splits = {split: scene_dataset(SCENES[name], p, sizes.image) for split, p in poses.items()}
+        model, restarts = train_live_base(splits["train"], sizes, seed)
         tb = time.perf_counter()
-        result = fit_scene(model, splits, sizes, seed, keep=keep)
-        times[name] = {"base_s": tb - ts, "ocd_s": time.perf_counter() - tb}
+        conditioner = (
+            NeRFConditioner(model, sizes.image, encoder, sizes.encode_size) if conditioning == "nerf" else None
+        )
+        result = fit_scene(model, splits, sizes, seed, keep=keep, conditioner=conditioner)
+        result["base_restarts"] = restarts
+        times[name] = {
+            "base_s": tb - ts,
+            "ocd_s": time.perf_counter() - tb,
+            "wall_s": time.perf_counter() - ts,
+            "cpu_s": time.process_time() - cs,  # this process's CPU time: less sensitive to the machine's load
+        }
         if keep:
             kept[name] = {"renders": result.pop("renders"), "ocd": result.pop("ocd")}
         per_group[name] = result
+        if cache is not None:
+            from benchmarks.tables import atomic_write
+
+            atomic_write(cache, json.dumps({"result": result, "times": times[name]}, indent=1) + "\n")
     labels = [k for k in next(iter(per_group.values()))["rows"] if all(k in g["rows"] for g in per_group.values())]
     rows = {}
     for label in labels:
@@ -436,14 +627,21 @@ def run_seed(seed: int, *, data_root: str | Path | None = None, quick: bool = Fa
         "per_group": per_group,
         "sizes": {
             **sizes.__dict__,
-            "scenes": list(SCENES),
+            "scenes": list(per_group),
             "layer": "layer1",
             "weight_shape": [128, 3 + 6 * NUM_FREQS],
             **OVERFIT,
         },
+        "conditioning": {
+            "name": conditioning,
+            "i_L, a_L": "pooled with the volume-rendering weights (a_L after its ReLU)"
+            if conditioning == "nerf"
+            else "mean over rays and samples",
+            "f": f_made,
+        },
         "times": times,
-        "wall_s": time.perf_counter() - t0,
-        "cpu_s": time.process_time() - c0,  # this process's CPU time: less sensitive to the machine's load
+        "wall_s": sum(t.get("wall_s", t["base_s"] + t["ocd_s"]) for t in times.values()),
+        "cpu_s": sum(t.get("cpu_s", float("nan")) for t in times.values()),
     }
     if keep:
         record["kept"] = kept
@@ -487,17 +685,28 @@ def save_figure(record: dict, path: str | Path, view: int = 0) -> None:
     plt.close(fig)
 
 
-def to_markdown(records: list[dict], command: str) -> str:
-    """Mean ± SD over seeds (one row per label; MSE and PSNR, each averaged over the scenes first)."""
+def to_markdown(records: list[dict], command: str, compare: list[dict] | None = None) -> str:
+    """Mean ± SD over seeds (one row per label; MSE and PSNR, each averaged over the scenes first).
+
+    Args:
+        records: one `run_seed` record per seed.
+        command: the command that made them.
+        compare: records of the other conditioning (e.g. the mean pooling) for the seeds they share: adds a
+            paired OCD comparison.
+    """
     from benchmarks.stats import fmt
 
     labels = list(records[0]["rows"])
+    cond = records[0].get("conditioning", {"name": "mean", "f": "mean rendered colour"})
     lines = [
         "# TinyNeRF on rendered scenes (paper Tab. 3)",
         "",
         f"`{command}` — {datetime.now(timezone.utc):%Y-%m-%d}, torch {torch.__version__}, {platform.machine()}, "
-        f"seeds {[r['seed'] for r in records]}; wall time per seed: "
-        + ", ".join(f"{r['wall_s']:.0f} s" for r in records),
+        f"seeds {[r['seed'] for r in records]}; per seed wall / CPU time: "
+        + ", ".join(f"{r['wall_s']:.0f} s / {r['cpu_s']:.0f} s" for r in records),
+        "",
+        f"Conditioning `{cond['name']}`: i_L, a_L {cond.get('i_L, a_L', 'mean over rays and samples')}; "
+        f"f: {cond['f']}.",
         "",
         "Test views (held-out viewpoints) of 3 scenes; MSE and PSNR averaged over the scenes, then mean ± SD over seeds.",
         "",
@@ -516,7 +725,51 @@ def to_markdown(records: list[dict], command: str) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     scales = {s: [r["per_group"][s]["delta_scale"] for r in records] for s in records[0]["per_group"]}
     lines += ["", "Calibrated delta_scale per scene and seed: " + json.dumps(scales)]
+    if compare:
+        lines += comparison(records, compare)
     return "\n".join(lines) + "\n"
+
+
+def comparison(records: list[dict], other: list[dict]) -> list[str]:
+    """Markdown lines: each OCD row under both conditionings on the seeds both have, and the paired difference."""
+    from benchmarks.stats import fmt
+
+    by_seed = {r["seed"]: r for r in other}
+    pairs = [(r, by_seed[r["seed"]]) for r in records if r["seed"] in by_seed]
+    if not pairs:
+        return []
+    name = pairs[0][0].get("conditioning", {}).get("name", "?")
+    other_name = pairs[0][1].get("conditioning", {}).get("name", "mean")
+    seeds = [a["seed"] for a, _ in pairs]
+    lines = [
+        "",
+        f"Conditioning `{name}` against `{other_name}` on seeds {seeds} (same base models, views and head seeds; "
+        f"MSE, mean ± SD over seeds; difference = {name} − {other_name} per seed, negative: {name} better):",
+        "",
+        f"| row | {name} | {other_name} | difference | seeds {name} better |",
+        "|---|---|---|---|---|",
+    ]
+    for label in pairs[0][0]["rows"]:
+        if label not in pairs[0][1]["rows"]:
+            continue
+        a = [p[0]["rows"][label]["mse"] for p in pairs]
+        b = [p[1]["rows"][label]["mse"] for p in pairs]
+        d = [x - y for x, y in zip(a, b)]
+        wins = sum(x < -1e-9 for x in d)
+        lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | {fmt(d)} | {wins}/{len(d)} |")
+    return lines
+
+
+def scene_path(runs_dir: str | Path, seed: int, scene: str, quick: bool, conditioning: str = "nerf") -> Path:
+    """Where one scene's result of one seed is saved (`run_seed(scene_dir=...)`)."""
+    seed_record = run_path(runs_dir, seed, quick, conditioning)
+    return seed_record.with_name(f"{seed_record.stem}-{scene}.json")
+
+
+def run_path(runs_dir: str | Path, seed: int, quick: bool, conditioning: str = "nerf") -> Path:
+    """Where one seed's record is saved (quick runs and the mean-pooling conditioning apart)."""
+    tag = ("-mean" if conditioning == "mean" else "") + ("-quick" if quick else "")
+    return Path(runs_dir) / f"nerf{tag}-seed{seed}.json"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -525,27 +778,75 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--data-root", default=None, help="unused: the scenes are rendered offline")
+    p.add_argument(
+        "--data-root",
+        default=str(DEFAULT_DATA),
+        help=f"the folder with {ENCODER_FILE} (f's image encoder); without it f falls back to the mean colour",
+    )
+    p.add_argument("--conditioning", choices=CONDITIONINGS, default="nerf")
     p.add_argument("--out-dir", default="docs/results")
+    p.add_argument("--runs-dir", default=str(ROOT / "build" / "bench-runs"), help="per-seed records, reused by a rerun")
+    p.add_argument("--force", action="store_true", help="rerun seeds (and scenes) whose record is saved")
+    p.add_argument(
+        "--scenes",
+        nargs="+",
+        choices=list(SCENES),
+        default=None,
+        help="run only these scenes, saving each one's result in --runs-dir (a later call with all scenes "
+        "assembles the seed from them): the scenes of a seed can run as parallel processes",
+    )
     p.add_argument("--figure", default=None, help="also save the first seed's figure (save_figure) here")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     command = (
-        "python -m benchmarks.task_nerf --seeds " + " ".join(map(str, args.seeds)) + (" --quick" if args.quick else "")
+        "python -m benchmarks.task_nerf --seeds "
+        + " ".join(map(str, args.seeds))
+        + (" --quick" if args.quick else "")
+        + (" --conditioning mean" if args.conditioning == "mean" else "")
     )
     out = Path(args.out_dir)
     records = []
     for seed in args.seeds:
-        record = run_seed(seed, data_root=args.data_root, quick=args.quick, keep=bool(args.figure) and not records)
+        path = run_path(args.runs_dir, seed, args.quick, args.conditioning)
+        subset = args.scenes is not None and set(args.scenes) != set(SCENES)
+        if path.exists() and not args.force and not subset:
+            records.append(json.loads(path.read_text()))
+            print(f"seed {seed}: saved record {path}", flush=True)
+            continue
+        if args.force:
+            for name in args.scenes or SCENES:
+                scene_path(args.runs_dir, seed, name, args.quick, args.conditioning).unlink(missing_ok=True)
+        figure = bool(args.figure) and seed == args.seeds[0] and not subset
+        record = run_seed(
+            seed,
+            data_root=args.data_root,
+            quick=args.quick,
+            keep=figure,
+            conditioning=args.conditioning,
+            scenes=args.scenes,
+            scene_dir=args.runs_dir,
+        )
+        if subset:
+            print(f"seed {seed}: scenes {args.scenes} saved in {args.runs_dir}", flush=True)
+            continue
         if "kept" in record:
             save_figure(record, args.figure)
             del record["kept"]
+        atomic_write(path, json.dumps(record, indent=1) + "\n")
         records.append(record)
         print(json.dumps({"seed": seed, "rows": record["rows"], "wall_s": record["wall_s"]}), flush=True)
-        # written after every seed, so that an interrupted run keeps the seeds it finished
-        atomic_write(out / "nerf.json", json.dumps(records, indent=1) + "\n")
-        atomic_write(out / "nerf.md", to_markdown(records, command))
-    print((out / "nerf.md").read_text())
+    if not records:
+        return
+    other = "mean" if args.conditioning == "nerf" else "nerf"
+    compare = [
+        json.loads(q.read_text())
+        for seed in args.seeds
+        if (q := run_path(args.runs_dir, seed, args.quick, other)).exists()
+    ]
+    stem = "nerf" if args.conditioning == "nerf" else "nerf-mean"
+    atomic_write(out / f"{stem}.json", json.dumps(records, indent=1) + "\n")
+    atomic_write(out / f"{stem}.md", to_markdown(records, command, compare))
+    print((out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@
 Renders ground-truth views of three synthetic scenes (spheres, boxes, textured planes; Lambert + Phong
 shading) offline, trains a TinyNeRF per scene, overfits `layer1` on every training view (one view = one
 OCD sample: its rays in, its image out, MSE), trains the head, calibrates delta_scale on validation views
-and scores held-out test views: base, oracle, OCD, OCD x5 and the rivals. The task's code is
+and scores held-out test views: base, oracle, OCD, OCD x5 and the rivals. The head is conditioned as in the
+official code: i_L and a_L pooled with the volume-rendering weights, f an EfficientNet-Lite0 encoding of the
+base model's rendering (`benchmarks.task_nerf.NeRFConditioner`, an `ocd_hf.Conditioner`); `--conditioning mean`
+uses the core's mean pooling. The task's code is
 `benchmarks/task_nerf.py`; docs/examples/nerf.md explains the setting and the numbers.
 """
 
@@ -27,6 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="8x8 images and a tiny head: runs in seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--figure", default=None, help="save base / OCD / oracle / ground truth of one test view here")
+    p.add_argument("--conditioning", choices=("nerf", "mean"), default="nerf")
+    p.add_argument(
+        "--data-root",
+        default=str(ROOT.parent / "shared" / "data"),
+        help="the folder with models/efficientnet-lite0-57934424.pth; without it f is the mean rendered colour",
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -35,11 +44,18 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    record = run_seed(args.seed, quick=args.quick, keep=args.figure is not None)
-    s = record["sizes"]
+    record = run_seed(
+        args.seed,
+        data_root=args.data_root,
+        quick=args.quick,
+        keep=args.figure is not None,
+        conditioning=args.conditioning,
+    )
+    s, c = record["sizes"], record["conditioning"]
     print(
         f"3 scenes, {s['image']}x{s['image']} images, {s['train_views']} train / {s['val_views']} validation / "
-        f"{s['test_views']} test views each; layer1 {s['weight_shape']}, seed {args.seed}"
+        f"{s['test_views']} test views each; layer1 {s['weight_shape']}, seed {args.seed}\n"
+        f"conditioning {c['name']}: i_L, a_L {c['i_L, a_L']}; f: {c['f']}"
     )
     for scene, t in record["times"].items():
         g = record["per_group"][scene]

@@ -163,3 +163,124 @@ def test_per_view_weights_and_pooling_over_rays_and_samples():
     depths = tn.sample_depths(o.shape[:-1], 5, False, torch.device("cpu")).double()
     enc = tn.positional_encoding(o[..., None, :] + depths[..., None] * d[..., None, :])
     torch.testing.assert_close(cap.layer_input, enc.mean(dim=(1, 2)))
+
+
+def _slow_weighted_pool(model, rays):
+    """Per view, per ray, per sample: the eval forward written out, its volume weights normalised over the
+    view, and the weighted sums of the encoding and of layer1's post-ReLU output."""
+    s = model.num_samples
+    depths = tn.sample_depths((), s, False, torch.device("cpu")).tolist()  # the forward's float32 midpoints
+    i_rows, a_rows = [], []
+    for view in rays:
+        terms = []
+        for ray in view:
+            o, d = ray[:3], ray[3:]
+            trans = 1.0
+            for k, t in enumerate(depths):
+                enc = tn.positional_encoding((o + t * d)[None])[0]
+                h = torch.relu(model.layer1(enc))
+                sigma = torch.relu(model.layer3(torch.relu(model.layer2(h)))[3]).item()
+                nxt = depths[k + 1] if k + 1 < s else tn.FAR
+                alpha = 1.0 - math.exp(-sigma * (nxt - t))
+                terms.append((trans * alpha, enc, h))
+                trans *= 1.0 - alpha + 1e-10
+        total = sum(w for w, _, _ in terms)
+        i_rows.append(sum(w * e for w, e, _ in terms) / total)
+        a_rows.append(sum(w * h for w, _, h in terms) / total)
+    return torch.stack(i_rows), torch.stack(a_rows)
+
+
+def test_nerf_conditioner_pools_with_the_volume_weights_as_a_per_view_loop():
+    from ocd_hf import OCDWrapper
+
+    torch.manual_seed(0)
+    model = tn.TinyNeRF(num_samples=5).eval().double()
+    with torch.no_grad():
+        model.layer3.bias[3] = 1.0  # dense enough that the weights differ from the mean
+    rays = torch.stack([torch.tensor(tn.render_view(tn.SCENES["boxes"], a, 0.5, 3)[0]) for a in (0.0, 2.0)])
+    conditioner = tn.NeRFConditioner(model, image_size=3)  # no encoder: f is the mean colour
+    ocd = OCDWrapper.from_pretrained(model, layer="layer1", conditioner=conditioner)
+    cond, out = ocd.conditioning(rays)
+    with torch.no_grad():
+        i_ref, a_ref = _slow_weighted_pool(model, rays)
+    torch.testing.assert_close(cond.layer_input, i_ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(cond.layer_output, a_ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(cond.model_output, out.mean(1))
+    mean = OCDWrapper.from_pretrained(model, layer="layer1").conditioning(rays)[0]
+    assert not torch.allclose(cond.layer_input, mean.layer_input, atol=1e-3)  # the weights matter here
+    assert conditioner.name == "nerf-volume-weights+mean-colour"
+    # a view that renders nothing pools to zeros instead of dividing by zero
+    torch.testing.assert_close(tn.weighted_pool(torch.zeros(1, 2, 3), torch.ones(1, 2, 3, 4)), torch.zeros(1, 4))
+
+
+def test_encoder_missing_is_said_and_f_encodes_each_rendering(tmp_path):
+    encoder, why = tn.find_encoder(tmp_path)
+    assert encoder is None and str(tmp_path / tn.ENCODER_FILE) in why and "falls back" in why
+    path = tn.DEFAULT_DATA / tn.ENCODER_FILE
+    if not path.exists():
+        path = Path("/work/shared/data") / tn.ENCODER_FILE
+    if not path.exists():
+        pytest.skip(f"no EfficientNet-Lite0 weights at {path} (../shared/data/models)")
+    encoder, why = tn.find_encoder(path.parents[1])
+    assert "EfficientNet-Lite0" in why
+    torch.manual_seed(0)
+    model = tn.TinyNeRF(num_samples=4).eval()
+    conditioner = tn.NeRFConditioner(model, image_size=4, encoder=encoder, encode_size=32)
+    assert conditioner.name == "nerf-volume-weights+efficientnet-lite0"
+    images = torch.rand(2, 16, 3)
+    f = conditioner.encode(images)
+    assert f.shape == (2, 1000)
+    for b in range(2):  # one view at a time, the image laid out row by row as the camera's rays are
+        img = images[b].reshape(4, 4, 3).permute(2, 0, 1)[None]
+        x = torch.nn.functional.interpolate(img, size=32, mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            want = encoder((x * 255 - 127) / 128)  # ImageNet logits
+        torch.testing.assert_close(f[b : b + 1], want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_base_model_that_renders_nothing_is_retrained(monkeypatch):
+    """A TinyNeRF whose density ReLU closed everywhere renders black and gives OCD only zero deltas ("Every
+    collected sample has a zero delta"): seed 2's planes did. `train_live_base` retrains it from a new seed."""
+    torch.manual_seed(0)
+    rays = torch.tensor(tn.render_view(tn.SCENES["planes"], 0.3, 0.5, 4)[0], dtype=torch.float32)[None]
+    alive = tn.TinyNeRF(num_samples=4).eval()
+    dead = tn.TinyNeRF(num_samples=4).eval()
+    with torch.no_grad():
+        dead.layer3.bias[3] = -1e3  # σ = relu(raw) = 0 on every sample
+    assert tn.renders_nothing(dead, rays) and not tn.renders_nothing(alive, rays)
+    from conftest import TINY_HEAD
+
+    from ocd_hf import OCDWrapper
+
+    ocd = OCDWrapper.from_pretrained(dead, layer="layer1", loss="mse", task="regression", **TINY_HEAD)
+    views = torch.utils.data.TensorDataset(rays.repeat(2, 1, 1), torch.rand(2, 16, 3))
+    with pytest.raises(ValueError, match="zero delta.*ReLU closed for every input"):
+        ocd.fit(views, num_train_steps=2, progress=False)
+    seeds = []
+
+    def fake_train(dataset, sizes, seed):
+        seeds.append(seed)
+        return dead if len(seeds) < 3 else alive
+
+    monkeypatch.setattr(tn, "train_base", fake_train)
+    data = torch.utils.data.TensorDataset(rays, torch.zeros(1, 16, 3))
+    model, restarts = tn.train_live_base(data, tn.QUICK, 5)
+    assert model is alive and restarts == 2 and seeds == [5, 1005, 2005]
+    monkeypatch.setattr(tn, "train_base", lambda dataset, sizes, seed: dead)
+    with pytest.raises(RuntimeError, match="collapsed"):
+        tn.train_live_base(data, tn.QUICK, 5)
+
+
+def test_scene_results_are_saved_and_reused(tmp_path, monkeypatch):
+    first = tn.run_seed(0, quick=True, conditioning="mean", scenes=["planes"], scene_dir=tmp_path)
+    saved = tn.scene_path(tmp_path, 0, "planes", True, "mean")
+    assert (
+        saved.exists() and first["sizes"]["scenes"] == ["planes"] and first["per_group"]["planes"]["base_restarts"] == 0
+    )
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("a saved scene was fitted again")
+
+    monkeypatch.setattr(tn, "fit_scene", no_refit)
+    again = tn.run_seed(0, quick=True, conditioning="mean", scenes=["planes"], scene_dir=tmp_path)
+    assert again["rows"] == first["rows"] and again["cpu_s"] == first["cpu_s"]

@@ -22,9 +22,15 @@ _EXPORTS = {
     "EvaluationReport": ".evaluation",
     "register_adapter": ".integrations",
     "ModelAdapter": ".integrations",
+    "Conditioner": ".conditioner",
+    "Conditioning": ".capture",
+    "MeanPool": ".conditioner",
 }
 __all__ = [
+    "Conditioner",
+    "Conditioning",
     "EvaluationReport",
+    "MeanPool",
     "ModelAdapter",
     "OCDConfig",
     "OCDTrainer",
@@ -38,6 +44,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .capture import Conditioning
+    from .conditioner import Conditioner, MeanPool
     from .config import OCDConfig
     from .evaluation import EvaluationReport, evaluate
     from .integrations import ModelAdapter, register_adapter

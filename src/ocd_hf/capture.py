@@ -4,6 +4,8 @@ Pooling rule (documented in docs/concepts.md): every captured tensor becomes one
 For Linear / transformers Conv1D layers and for model outputs the feature dimension is the last one and
 all dimensions between batch and features (tokens, patches) are averaged. For Conv layers the
 feature dimension is the channel dimension (dim 1) and the spatial dimensions are averaged.
+This is the default conditioner, `ocd_hf.conditioner.MeanPool`; another conditioner works on the raw
+tensors (`capture_layer(..., keep_raw=True)`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class Captured:
     layer_input: torch.Tensor | None = None
     layer_output: torch.Tensor | None = None
     input_ndim: int | None = None
+    channels_first: bool = False
+    # the unpooled input and output (keep_raw=True), for a conditioner other than the mean (ocd_hf.conditioner)
     raw: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -47,10 +51,12 @@ class Captured:
 def capture_layer(module: nn.Module, keep_raw: bool = False) -> Iterator[Captured]:
     """Record the (pooled) input and output of `module` during the forwards run inside the block.
 
+    With `keep_raw`, also the unpooled tensors (detached), for `ocd_hf.conditioner.condition`.
+
     The hook never changes the output; it is removed on exit, also when the forward raises.
     """
-    captured = Captured()
     channels_first = is_channels_first(module)
+    captured = Captured(channels_first=channels_first)
 
     def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         captured.layer_input = pool(inputs[0], channels_first)

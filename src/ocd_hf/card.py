@@ -67,6 +67,9 @@ def build_model_card(record: Any, *, evaluation: Any = None, repo_id: str | None
         ("sampling", f"DDIM, {c.num_inference_steps} of {c.num_train_timesteps} steps"),
         ("ocd_hf version", p.library_version or "unknown"),
     ]
+    custom = p.conditioner != "mean"  # a head made with another conditioner loads only with that conditioner
+    if custom:
+        rows.insert(5, ("conditioning", f"conditioner `{p.conditioner}` (pass it again when loading)"))
     source = repo_id or "path/or/hub-id"
     if hub_id:
         load_model = f"model = ...  # {hub_id}, with the weights the head was trained on"
@@ -100,7 +103,8 @@ def build_model_card(record: Any, *, evaluation: Any = None, repo_id: str | None
         "from ocd_hf import OCDWrapper",
         "",
         load_model,
-        f'ocd = OCDWrapper.from_pretrained(model, "{source}")',
+        f'ocd = OCDWrapper.from_pretrained(model, "{source}"'
+        + (f", conditioner=...)  # the conditioner named {p.conditioner!r}" if custom else ")"),
         "outputs = ocd(inputs)                   # one generated weight set per sample",
         "ensemble = ocd(inputs, num_samples=5)   # average over 5 draws",
         "```",

@@ -115,6 +115,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "layer_fingerprint": rec.provenance.layer_fingerprint,
         "base_model": rec.provenance.base_model,
         "base_model_library": rec.provenance.base_model_library,
+        "conditioner": rec.provenance.conditioner,
         "delta_scale": rec.fitted.delta_scale,
         "calibrated": rec.fitted.calibration is not None,
         "calibration": rec.fitted.calibration,
@@ -125,7 +126,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**info, "metrics": metrics}, indent=2, default=str))
         return 0
-    for key in ("head", "layer", "weight_shape", "layer_fingerprint", "base_model", "base_model_library"):
+    for key in (
+        "head",
+        "layer",
+        "weight_shape",
+        "layer_fingerprint",
+        "base_model",
+        "base_model_library",
+        "conditioner",
+    ):
         print(f"{key}: {info[key]}")
     print(f"delta_scale: {info['delta_scale']:g} ({'calibrated' if info['calibrated'] else 'uncalibrated'})")
     print("config: " + json.dumps(info["config"], default=str))

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .buffers import current_pool
-from .capture import Captured, capture_layer, pool
+from .capture import Conditioning, capture_layer
+from .conditioner import Conditioner, condition, keeps_raw, resolve_conditioner
 from .losses import check_per_sample
 from .modes import eval_mode
 from .per_sample import out_features
@@ -42,13 +43,12 @@ SUB_CHUNK_BYTES = 2**19
 
 @dataclass
 class ClosedFormRun:
-    """Δ laid out [B, out, in] (whatever the layer's own weight layout), Δ bias, and what the first pass saw."""
+    """Δ laid out [B, out, in] (whatever the layer's own weight layout), Δ bias, and I(x) of the first pass."""
 
     delta: torch.Tensor
     delta_bias: torch.Tensor | None
     scale: torch.Tensor  # the unbiased std of each sample's delta
-    captured: Captured
-    model_output: torch.Tensor
+    conditioning: Conditioning
     loss_before: torch.Tensor
 
 
@@ -64,6 +64,7 @@ def closed_form_full(
     optimizer: str,
     include_bias: bool,
     reuse: bool = True,
+    conditioner: Conditioner | None = None,
 ) -> ClosedFormRun:
     """Overfit a Linear / transformers Conv1D `layer` on every sample by the closed form (module docstring).
 
@@ -79,7 +80,9 @@ def closed_form_full(
         optimizer: "adam" or "sgd".
         include_bias: Also overfit the layer's bias.
         reuse: Reuse the layers before `layer` between passes (`ocd_hf.prefix`).
+        conditioner: Makes I(x) from the first (unmodified) pass; `MeanPool` when None.
     """
+    conditioner = resolve_conditioner(conditioner)
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"Unknown overfit optimizer {optimizer!r}; use 'adam' or 'sgd'.")
     if steps < 1:
@@ -108,9 +111,10 @@ def closed_form_full(
         try:
             for k in range(1, steps + 1):
                 if k == 1:
-                    with capture_layer(layer) as cap, prefix.replaying():
+                    with capture_layer(layer, keep_raw=keeps_raw(conditioner)) as cap, prefix.replaying():
                         out = forward_fn(model, inputs)
-                    model_output = pool(out)
+                    cond = condition(conditioner, cap, out)
+                    cap.raw.clear()  # the raw activations are not needed past this pass
                 else:
                     with prefix.replaying():
                         out = forward_fn(model, inputs)
@@ -145,7 +149,7 @@ def closed_form_full(
     if optimizer == "sgd":
         torch.mul(moments[0].unsqueeze(2), x.unsqueeze(1), out=delta)
         scale = row_std(delta.flatten(1))
-    return ClosedFormRun(delta, bias_delta, scale, cap, model_output, loss_before)
+    return ClosedFormRun(delta, bias_delta, scale, cond, loss_before)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from .buffers import reuse_buffers
+from .conditioner import DEFAULT_NAME, Conditioner, resolve_conditioner
 from .constants import COLLECTION_MANIFEST, SHARD_PATTERN
 from .data_checks import check_batch, warn_ignored
 from .losses import LossFn
@@ -52,18 +53,21 @@ def collect_deltas(
     progress: bool = True,
     process_index: int = 0,
     num_processes: int = 1,
+    conditioner: Conditioner | None = None,
 ) -> DeltaStore | None:
     """Overfit `layer_name` on every sample of `dataset` and write Δ_s, ρ_s and I(x) to `output_dir`.
 
     Each batch is overfitted in chunks that fit `max_memory` (bytes or "8GiB"; by default a fraction of
     the memory available at the start, see `ocd_hf.memory`); the deltas do not depend on the chunking.
     With several processes (accelerate), process i writes shards k with k % num_processes == i and
-    returns None; the caller waits for all processes and then opens the `DeltaStore`.
+    returns None; the caller waits for all processes and then opens the `DeltaStore`. `conditioner`
+    makes the stored I(x) columns (`ocd_hf.conditioner`; `MeanPool` when None).
 
     Raises:
         CollectionMemoryError: Not even one sample fits the budget (raised before any delta is allocated).
     """
     s = settings or OverfitSettings()
+    conditioner = resolve_conditioner(conditioner)
     n = len(dataset)
     if n == 0:
         raise ValueError("The dataset is empty: nothing to overfit.")
@@ -78,6 +82,8 @@ def collect_deltas(
         "overfit": {"steps": s.steps, "lr": s.lr, "optimizer": s.optimizer, "include_bias": s.include_bias},
         "target": s.target,
     }
+    if conditioner.name != DEFAULT_NAME:  # absent for the mean, so collections made before conditioners resume
+        manifest["conditioner"] = conditioner.name
     manifest["fingerprints"] = collection_fingerprints(model, layer, dataset)
     check_or_write_manifest(out / COLLECTION_MANIFEST, manifest, process_index)
     num_shards = math.ceil(n / shard_size)
@@ -136,6 +142,7 @@ def collect_deltas(
                             s.target,
                             method=plan.method,
                             probe=probe,
+                            conditioner=conditioner,
                         )
                         chunk = {key: _stored(getattr(r, key)) for key in keys if key != "index"}
                         chunk["index"] = torch.arange(start + pos + c0, start + pos + c1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .conditioner import Conditioner, check_name
 from .hub import resolve_head_files
 from .integrations import get_adapter
 from .serialization import build_head, check_base_layer, read_record, read_state_dict
@@ -17,6 +18,7 @@ def load_pretrained(
     allow_mismatch: bool = False,
     verify_checksum: bool = True,
     num_inference_steps: int | None = None,
+    conditioner: Conditioner | None = None,
     **hub_kwargs: Any,
 ) -> dict[str, Any]:
     """The keyword arguments of `OCDWrapper(...)` for a head saved at `source` (a folder or a Hub id).
@@ -29,10 +31,13 @@ def load_pretrained(
         verify_checksum: Refuse `ocd_head.safetensors` when its sha256 differs from the one recorded in
             `ocd_state.json` at save. False loads the changed tensors anyway, with a warning.
         num_inference_steps: Overrides the stored number of DDIM steps.
+        conditioner: The conditioner the head was trained with (`ocd_hf.conditioner`); None for the default
+            mean pooling. A head saved with another conditioner's name is refused.
         **hub_kwargs: `revision`, `subfolder`, `token`, `cache_dir`, `force_download`, `local_files_only`.
     """
     files = resolve_head_files(source, **hub_kwargs)
     record = read_record(files.config, files.state)
+    conditioner = check_name(record.provenance.conditioner, conditioner, files.where)
     if num_inference_steps is not None:
         record.config = record.config.replace(num_inference_steps=num_inference_steps)
     adapter = get_adapter(model)
@@ -47,4 +52,5 @@ def load_pretrained(
         shapes=record.shapes,
         provenance=record.provenance,
         state=record.fitted,
+        conditioner=conditioner,
     )

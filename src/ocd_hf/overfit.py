@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from .buffers import BufferPool, current_pool
-from .capture import capture_layer, pool
+from .capture import Conditioning, capture_layer, pool
 from .closed_form import ADAM_BETAS, closed_form_full, row_std
+from .conditioner import Conditioner, condition, keeps_raw, resolve_conditioner
 from .layers import is_hf_conv1d
 from .losses import LossFn, check_per_sample
 from .memory import LayerProbe, overfit_method
@@ -35,7 +36,10 @@ def default_forward(model: nn.Module, inputs: Any) -> torch.Tensor:
 
 @dataclass
 class OverfitResult:
-    """Deltas and conditioning of one batch. `scale` is ρ_s = std(Δ_s), the scale net's target."""
+    """Deltas and conditioning of one batch. `scale` is ρ_s = std(Δ_s), the scale net's target.
+
+    `layer_input`, `layer_output` and `model_output` are I(x) as the conditioner made it.
+    """
 
     delta: torch.Tensor
     delta_bias: torch.Tensor | None
@@ -128,6 +132,7 @@ def overfit_batch(
     method: str | None = None,
     probe: LayerProbe | None = None,
     closed_form: bool = True,
+    conditioner: Conditioner | None = None,
 ) -> OverfitResult:
     """Overfit `layer` on every sample of the batch separately; the model is in eval mode meanwhile.
 
@@ -151,7 +156,11 @@ def overfit_batch(
     every step is an outer-product formula in two vectors. No per-sample Adam state is kept, only the
     layer's output gradient δ_k is backpropagated (through the layers after L), and the values are
     torch.optim.Adam's (and SGD's) up to float rounding. closed_form=False forces the general path.
+
+    `conditioner` makes the result's I(x) from the first, unmodified pass (`MeanPool` when None); the
+    methods above that use the layer's input read its mean, whatever the conditioner.
     """
+    conditioner = resolve_conditioner(conditioner)
     if target not in ("full", "factored"):
         raise ValueError(f"target={target!r}; use 'full' or 'factored'.")
     factored = target == "factored"
@@ -179,10 +188,21 @@ def overfit_batch(
             probe = probe_layer(model, layer, inputs, forward_fn)
         if probe.one_vector:
             run = closed_form_full(
-                model, layer, inputs, targets, loss_fn, forward_fn, steps, lr, optimizer, include_bias, reuse
+                model,
+                layer,
+                inputs,
+                targets,
+                loss_fn,
+                forward_fn,
+                steps,
+                lr,
+                optimizer,
+                include_bias,
+                reuse,
+                conditioner,
             )
             delta = run.delta.transpose(1, 2) if is_hf_conv1d(layer) else run.delta
-            return _result(delta, run.delta_bias, run.scale, None, run.captured, run.model_output, run.loss_before)
+            return _result(delta, run.delta_bias, run.scale, None, run.conditioning, run.loss_before)
     with eval_mode(model):
         batch = _batch_size(inputs, targets)
         shape = (out_features(layer),) if direct else tuple(weight.shape)
@@ -218,9 +238,10 @@ def overfit_batch(
             for step in range(steps):
                 if step == 0:
                     # Δ = 0 here, so this forward is the unmodified pass: I(x) comes from it for free.
-                    with capture_layer(layer) as cap, prefix.replaying():
+                    with capture_layer(layer, keep_raw=keeps_raw(conditioner)) as cap, prefix.replaying():
                         out = forward_fn(model, inputs)
-                    model_output = pool(out)
+                    cond = condition(conditioner, cap, out)
+                    cap.raw.clear()  # the raw activations are not needed past this pass
                 else:
                     with prefix.replaying():
                         out = forward_fn(model, inputs)
@@ -255,7 +276,7 @@ def overfit_batch(
         energy = u.pow(2).sum(1) / delta.flatten(1).pow(2).sum(1).clamp_min(1e-30)
         delta = u
     scale = _row_std(delta.flatten(1), None if factored else buffers)
-    return _result(delta, delta_bias, scale, energy, cap, model_output, loss_before)
+    return _result(delta, delta_bias, scale, energy, cond, loss_before)
 
 
 def _result(
@@ -263,8 +284,7 @@ def _result(
     delta_bias: torch.Tensor | None,
     scale: torch.Tensor,
     energy: torch.Tensor | None,
-    cap: Any,
-    model_output: torch.Tensor,
+    cond: Conditioning,
     loss_before: torch.Tensor,
 ) -> OverfitResult:
     # a sample's std is finite exactly when all its elements are (short of overflowing squares)
@@ -279,9 +299,9 @@ def _result(
         delta_bias=None if delta_bias is None else delta_bias.detach(),
         scale=scale,
         energy=energy,
-        layer_input=cap.layer_input,
-        layer_output=cap.layer_output,
-        model_output=model_output,
+        layer_input=cond.layer_input,
+        layer_output=cond.layer_output,
+        model_output=cond.model_output,
         loss_before=loss_before,
     )
 

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 # The head and the sampling scheduler (hence diffusers) are imported only where a head is built or
 # saved, so reading a head's records (`ocd-hf info`) stays cheap.
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # Keys each format version added (dotted for the state's sections, bare for config keys and the state's
 # top level); a folder of an older version may lack them. Every key saving writes is otherwise required,
 # so a new OCDConfig / state field needs a FORMAT_VERSION bump and an entry here.
@@ -56,6 +56,8 @@ ADDED_IN_VERSION = {
     3: {"head_sha256", "provenance.model_fingerprint", "sampler", "fitted.distillation"},
     # the student's own size (None: the denoiser's); older readers would build the wrong student
     4: {"fitted.distillation.student_channels"},
+    # the conditioner's name; older heads were all made by the mean pooling
+    5: {"provenance.conditioner"},
 }
 HEAD_FILES = (CONFIG_NAME, STATE_NAME, HEAD_NAME, MODEL_CARD_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

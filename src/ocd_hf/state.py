@@ -50,6 +50,8 @@ class Provenance:
         library_version: The ocd_hf version that trained the head.
         model_fingerprint: sha256 over every parameter and buffer of the base model (names, shapes and
             float32 bytes); None when the model was too large to hash cheaply at save.
+        conditioner: Name of the conditioner that made the head's I(x) (`ocd_hf.conditioner`); loading
+            refuses a head whose conditioner is not passed again. "mean" is the default mean pooling.
     """
 
     base_model: str | None = None
@@ -58,6 +60,7 @@ class Provenance:
     layer_fingerprint: str | None = None
     library_version: str | None = None
     model_fingerprint: str | None = None
+    conditioner: str = "mean"
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from .calibration import calibrate
 from .collection import DeltaStore, collect_deltas
+from .conditioner import check_collection
 from .config import resolve_sizes
 from .cross_fit import cross_fit_collect
 from .head import OCDHead
@@ -219,6 +220,7 @@ class OCDTrainer:
             progress=self.progress,
             process_index=pi,
             num_processes=np_,
+            conditioner=ocd.conditioner,
         )
 
     # ------------------------------------------------------------------ step 2: the head
@@ -231,6 +233,7 @@ class OCDTrainer:
             raise ValueError(
                 f"The collection holds target={store.target!r} deltas but the config asks for target={ocd.config.target!r}."
             )
+        check_collection(store.manifest.get("conditioner"), ocd.conditioner)
         weight_shape = tuple(ocd.layer.weight.shape)
         if tuple(store.weight_shape) != weight_shape:
             raise ValueError(
@@ -258,6 +261,7 @@ class OCDTrainer:
             base_model_library=info["base_model_library"],
             layer_fingerprint=layer_fingerprint(ocd.layer.weight),
             library_version=__version__,
+            conditioner=ocd.conditioner.name,
         )
         ocd.attach_head(head.to(ocd.device), shapes, provenance, target_std=target_std)
         return self.history

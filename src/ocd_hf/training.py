@@ -111,7 +111,11 @@ def usable_rows(store: DeltaStore) -> torch.Tensor | None:
     if len(keep) == len(scale):
         return None
     if len(keep) == 0:
-        raise ValueError("Every collected sample has a zero delta (zero loss gradient): there is nothing to learn.")
+        raise ValueError(
+            "Every collected sample has a zero delta (zero loss gradient): there is nothing to learn. The loss "
+            "does not depend on the layer's weights for any sample: check that the base model's output is not "
+            "constant (e.g. a ReLU closed for every input, a dead network) and that the labels are not all ignored."
+        )
     dropped = (scale <= 0).nonzero().flatten()
     index = store.get_batch(dropped[:10])["index"].tolist()
     warnings.warn(

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import Conditioning, capture_layer, pool
+from .capture import Conditioning, capture_layer
 from .card import build_model_card
 from .collection import DeltaStore
+from .conditioner import Conditioner, condition, keeps_raw, resolve_conditioner
 from .config import AUTO, OCDConfig
 from .distillation import distill
 from .ensemble import ENSEMBLES, combine_draws
@@ -51,6 +52,7 @@ class OCDWrapper(PredictMixin, nn.Module):
         shapes: The shapes `head` was built for.
         provenance: Which base model and layer weights `head` belongs to.
         state: Fitted values (`delta_scale`, `target_std`, calibration and selection records).
+        conditioner: Makes I(x) from a forward pass (`ocd_hf.conditioner`); the mean pooling when None.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class OCDWrapper(PredictMixin, nn.Module):
         shapes: HeadShapes | None = None,
         provenance: Provenance | None = None,
         state: FittedState | None = None,
+        conditioner: Conditioner | None = None,
     ):
         super().__init__()
         self.adapter = adapter or get_adapter(model)
@@ -73,6 +76,7 @@ class OCDWrapper(PredictMixin, nn.Module):
         self.head, self.shapes = head, shapes
         self.provenance = provenance or Provenance()
         self.state = state or FittedState()
+        self.conditioner = resolve_conditioner(conditioner)
         self.loss_fn: LossFn | None = resolve_loss(config.loss) if config.loss else None
         self.selection_report: SelectionReport | None = None
         self.selection_kwargs: dict[str, Any] = {}
@@ -94,6 +98,7 @@ class OCDWrapper(PredictMixin, nn.Module):
         selection_data: Any = None,
         selection_kwargs: dict[str, Any] | None = None,
         tokenizer: Any = None,
+        conditioner: Conditioner | None = None,
         **kwargs: Any,
     ) -> OCDWrapper:
         """Load a trained head onto `model`, or prepare a new one.
@@ -103,18 +108,20 @@ class OCDWrapper(PredictMixin, nn.Module):
         Without it, `layer` names the target layer ("auto" or a list of names: chosen by the entropy
         criterion on `selection_data`, else on the first samples given to `fit`) and `kwargs` are
         `OCDConfig` fields. `tokenizer` (transformers models) lets the wrapper and `predict` take raw strings.
+        `conditioner` makes I(x) (`ocd_hf.conditioner`; default the mean pooling); a loaded head needs the
+        conditioner it was trained with.
         """
         adapter = get_adapter(model, tokenizer=tokenizer) if tokenizer is not None else None
         if pretrained_head is not None:
             reject_with_pretrained(layer=layer, config=config, selection_data=selection_data)
-            loaded = load_pretrained(model, pretrained_head, **kwargs)
+            loaded = load_pretrained(model, pretrained_head, conditioner=conditioner, **kwargs)
             return cls(**{**loaded, "adapter": adapter or loaded["adapter"]})
         legacy = pop_legacy_keys(kwargs)
         config = config.replace(**kwargs) if config is not None else OCDConfig(**kwargs)
         restrict = list(layer) if isinstance(layer, (list, tuple)) else None
         if layer is not None:
             config = config.replace(layer=AUTO if restrict else layer)
-        ocd = cls(model, config, adapter=adapter)
+        ocd = cls(model, config, adapter=adapter, conditioner=conditioner)
         ocd.training_defaults = legacy
         extra = {"layer": restrict} if restrict else {}
         ocd.selection_kwargs = {**AUTO_SELECTION, **(selection_kwargs or {}), **extra}
@@ -203,10 +210,11 @@ class OCDWrapper(PredictMixin, nn.Module):
     def conditioning(self, inputs: Any) -> tuple[Conditioning, torch.Tensor]:
         """Run the unmodified model once; returns I(x) and the base output f(x)."""
         check_resolved(self.layer)
-        with eval_mode(self.module) as module, capture_layer(self.layer) as cap:
+        with eval_mode(self.module) as module, capture_layer(self.layer, keeps_raw(self.conditioner)) as cap:
             out = self.adapter.forward(module, inputs)
-        check_batch(inputs, cap.layer_input, out)  # the inputs; then what the model made of them (width, overflow)
-        return check_conditioning(Conditioning(cap.layer_input, cap.layer_output, pool(out)), self.shapes), out
+            check_batch(inputs, cap.layer_input, out)  # the inputs; then what the model made of them (width, overflow)
+            cond = condition(self.conditioner, cap, out)  # in eval mode, as the forward ran
+        return check_conditioning(cond, self.shapes), out
 
     @torch.no_grad()
     def generate_deltas(
@@ -279,12 +287,18 @@ class OCDWrapper(PredictMixin, nn.Module):
         return self.model
 
     def __repr__(self) -> str:
-        layer, c, st = self.layer, self.config, self.state
-        where = f"{c.layer!r} ({type(layer).__name__} {tuple(layer.weight.shape)})" if layer is not None else "auto"
-        head = "none (call fit, or from_pretrained(model, path))"
-        if self.head is not None:
-            cal = "calibrated" if st.calibration is not None else "uncalibrated"
-            steps = "distilled one-pass sampler" if c.sampler == "distilled" else f"{c.num_inference_steps} DDIM steps"
-            head = f"trained, delta_scale={st.delta_scale:g} ({cal}), {steps}"
-        base = self.provenance.base_model or self.adapter.describe().get("base_model")
-        return f"OCDWrapper(\n  base_model={base!r} [{self.adapter.family}],\n  layer={where},\n  head={head}\n)"
+        return describe(self)
+
+
+def describe(ocd: OCDWrapper) -> str:
+    """The wrapper's repr: base model, layer, head state and, when not the mean, the conditioner."""
+    layer, c, st = ocd.layer, ocd.config, ocd.state
+    where = f"{c.layer!r} ({type(layer).__name__} {tuple(layer.weight.shape)})" if layer is not None else "auto"
+    head = "none (call fit, or from_pretrained(model, path))"
+    if ocd.head is not None:
+        cal = "calibrated" if st.calibration is not None else "uncalibrated"
+        steps = "distilled one-pass sampler" if c.sampler == "distilled" else f"{c.num_inference_steps} DDIM steps"
+        head = f"trained, delta_scale={st.delta_scale:g} ({cal}), {steps}"
+    base = ocd.provenance.base_model or ocd.adapter.describe().get("base_model")
+    cond = f"  conditioner={ocd.conditioner!r},\n" if keeps_raw(ocd.conditioner) else ""
+    return f"OCDWrapper(\n  base_model={base!r} [{ocd.adapter.family}],\n  layer={where},\n{cond}  head={head}\n)"
