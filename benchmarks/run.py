@@ -40,8 +40,9 @@ GUIDANCE = (1.0, 2.0, 4.0)
 ENSEMBLES = (1, 5, 10)
 GATES = (0.5, 0.7, 0.9, 0.99, 1.01)  # apply the delta only where the base model's max probability < τ
 # calibration rules compared on every head (`rule_comparison`): label -> (rule, k) of `choose_scale`
+# ("k SE" labels: the "se" rule at k; the runs of 2026-12-04 saved "2 SE (default)" for "2 SE")
 RULES = {
-    "2 SE (default)": ("se", 2.0),
+    "2 SE": ("se", 2.0),
     "1 SE": ("se", 1.0),
     "best on val, no guard": ("se", 0.0),
     "shrinkage, k = 1": ("shrinkage", 1.0),

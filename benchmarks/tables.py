@@ -117,12 +117,14 @@ def aggregate(runs: list[dict]) -> tuple[dict, str]:
     for r in runs:
         by_task.setdefault(r["task"], []).append(r)
     summary: dict[str, Any] = {}
+    ks = sorted({c.get("min_gain_se", 2.0) for r in runs for c in r["calibration"].values()})
     md = [
         "## Paper tables on offline stand-ins (3 seeds)",
         "",
         f"Command: `{COMMAND}` (`make bench` adds `--no-ideas`, `make bench-ideas` does not). Mean ± SD over seeds; lower is better "
         "for CE, ECE and RMSE. OCD rows use the head's delta_scale chosen on the validation split "
-        "(`OCDWrapper.calibrate`, 0 = switched off when it does not beat base there by 2 SE); "
+        "(`OCDWrapper.calibrate`, 0 = switched off when it does not beat base there by "
+        f"{' or '.join(f'{k:g}' for k in ks)} SE, the k these runs calibrated with); "
         '"at delta_scale 1" rows are the uncalibrated heads. "Oracle" rows overfit on the *test* label: '
         "upper bounds, not methods. Heads (benchmarks/tasks.py): U-Net channels (32, 32, 64), condition and scale "
         "widths 64, batch 64, 1,000 training steps each (`--head-steps`), 10 DDIM steps; cross-fitting uses 5 folds "
@@ -362,7 +364,9 @@ def rules_markdown(by_task: dict[str, list[dict]]) -> list[str]:
     if not all(r.get("rules") for rs in by_task.values() for r in rs):
         return []
     heads = (run.TRAIN, run.CROSS_FIT, run.ALTERNATIVE, run.BODY)
-    names = [*run.RULES, "best on test (hindsight)"]
+    ks = sorted({c.get("min_gain_se", 2.0) for rs in by_task.values() for r in rs for c in r["calibration"].values()})
+    # the rule labels the records were saved with (run.RULES at the time), in their order
+    names = [*next(iter(by_task.values()))[0]["rules"][run.TRAIN]["rules"], "best on test (hindsight)"]
 
     def pick(entry: dict, name: str) -> dict:
         return entry["best_on_test"] if name == "best on test (hindsight)" else entry["rules"][name]
@@ -370,8 +374,8 @@ def rules_markdown(by_task: dict[str, list[dict]]) -> list[str]:
     md = [
         "## Calibration rules, every head of every run",
         "",
-        "Each rule picks delta_scale from the same validation draws `calibrate` scores (the default rule's pick "
-        "is the head's delta_scale); the cell is the test gain of that pick over base, in the task's loss "
+        "Each rule picks delta_scale from the same validation draws `calibrate` scores (the rule these runs "
+        f"calibrated with, {' or '.join(f'{k:g}' for k in ks)} SE, picks the head's delta_scale); the cell is the test gain of that pick over base, in the task's loss "
         "(cross-entropy; squared error for regression), for the train-collection head: mean ± SD over seeds. "
         "In brackets: regressions (test loss above base) / heads, over every head of every seed (train and "
         "cross-fit collection, runner-up layer, body layer). The last row picks the best value on test itself: "

@@ -176,7 +176,8 @@ def test_paper_tables_quick(tmp_path):
     assert run["extra"]["predicted_label_ms_per_sample"] > 0
     assert all(v > 0 for v in run["extra"]["sampler_ms_per_sample"].values())
     for head, rules in run["rules"].items():  # the default rule's pick is the head's calibrated delta_scale
-        assert rules["rules"]["2 SE (default)"]["delta_scale"] == run["calibration"][head]["delta_scale"], head
+        k = run["calibration"][head]["min_gain_se"]
+        assert rules["rules"][f"{k:g} SE"]["delta_scale"] == run["calibration"][head]["delta_scale"], head
     md = (tmp_path / "paper_tables.md").read_text()
     assert "### digits" in md and "Verdicts (cross_entropy)" in md
     assert "#### digits: margin diagnostic" in md and "| predicted-label rival, calibrated |" in md

@@ -32,14 +32,15 @@ def _paired_se(diff: torch.Tensor) -> float:
 
 
 def choose_scale(
-    per_sample: dict[float, torch.Tensor], *, rule: str = "se", min_gain_se: float = 2.0
+    per_sample: dict[float, torch.Tensor], *, rule: str = "se", min_gain_se: float = 1.0
 ) -> dict[str, Any]:
     """Pick `delta_scale` from per-sample losses at every grid value (0.0, the base model, must be a key).
 
     Rules, with k = `min_gain_se` and gain(g) the mean paired loss drop of value g against the base model:
 
     - "se": the value with the lowest mean loss, kept only if its gain exceeds k standard errors of the
-      paired difference, else 0 (k=2 is the shipped default, k=1 the looser "1 SE" rule).
+      paired difference, else 0 (k=1, the "1 SE" rule, is the shipped default; k=2 the stricter rule used
+      before the comparison in docs/findings.md).
     - "shrinkage": each value's gain is shrunk toward 0 by k of its own standard errors; the value with the
       largest shrunk gain wins if that is positive, else 0 (argmin of mean loss + k·SE of the difference).
 

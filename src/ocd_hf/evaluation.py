@@ -44,6 +44,7 @@ from .margins import Group, MarginMeter
 from .memory import overfit_method
 from .overfit import overfit_all_layers, overfit_batch, probe_layer
 from .prefix import reuse_prefix
+from .training_args import OCDTrainingArguments
 
 __all__ = [
     "Cosine",
@@ -357,7 +358,7 @@ def _calibration_rule(ocd: Any) -> tuple[tuple[float, ...], str, float]:
     """(grid, rule, k) of the head's own calibration record, or the training defaults without one."""
     rec = ocd.state.calibration or {}
     grid = tuple(float(g) for g in rec["mean_loss"]) if "mean_loss" in rec else DEFAULT_GRID
-    return grid, rec.get("rule", "se"), float(rec.get("min_gain_se", 2.0))
+    return grid, rec.get("rule", "se"), float(rec.get("min_gain_se", OCDTrainingArguments().calibration_min_gain_se))
 
 
 def _generator(ocd: Any, seed: int) -> torch.Generator:

@@ -40,7 +40,8 @@ class OCDTrainingArguments:
         num_folds: Folds of cross-fitted collection (with `OCDTrainer(cross_fit=train_fn)`).
         calibration_grid: `delta_scale` values tried on the evaluation set (0, the base model, is always added).
         calibration_min_gain_se: A value is kept only if it beats the base model by this many standard
-            errors of the paired per-sample loss difference (k of `ocd_hf.calibration.choose_scale`).
+            errors of the paired per-sample loss difference (k of `ocd_hf.calibration.choose_scale`; 1 since
+            the rule comparison of docs/findings.md, 2 before).
         calibration_rule: "se" (the best value, kept if its gain exceeds k SE) or "shrinkage" (every
             value's gain shrunk by k of its SE, the largest kept if positive).
         calibration_batch_size: Batch size of calibration.
@@ -69,7 +70,7 @@ class OCDTrainingArguments:
     resume: bool = True
     num_folds: int = 5
     calibration_grid: tuple[float, ...] = DEFAULT_GRID
-    calibration_min_gain_se: float = 2.0
+    calibration_min_gain_se: float = 1.0
     calibration_rule: CalibrationRule = "se"
     calibration_batch_size: int = 256
     checkpoint_every: int = 500
