@@ -111,13 +111,18 @@ def metric_of(rec: dict) -> str:
     return "rmse" if rec["kind"] == "regression" else "cross_entropy"
 
 
+def calibration_ks(runs: list[dict]) -> list[float]:
+    """The k (standard errors) the runs' heads were calibrated with; records without one used 2."""
+    return sorted({c.get("min_gain_se", 2.0) for r in runs for c in r["calibration"].values()})
+
+
 def aggregate(runs: list[dict]) -> tuple[dict, str]:
     """Mean ± SD tables per task; returns (JSON summary, markdown)."""
     by_task: dict[str, list[dict]] = {}
     for r in runs:
         by_task.setdefault(r["task"], []).append(r)
     summary: dict[str, Any] = {}
-    ks = sorted({c.get("min_gain_se", 2.0) for r in runs for c in r["calibration"].values()})
+    ks = calibration_ks(runs)
     md = [
         "## Paper tables on offline stand-ins (3 seeds)",
         "",
@@ -364,7 +369,7 @@ def rules_markdown(by_task: dict[str, list[dict]]) -> list[str]:
     if not all(r.get("rules") for rs in by_task.values() for r in rs):
         return []
     heads = (run.TRAIN, run.CROSS_FIT, run.ALTERNATIVE, run.BODY)
-    ks = sorted({c.get("min_gain_se", 2.0) for rs in by_task.values() for r in rs for c in r["calibration"].values()})
+    ks = calibration_ks([r for rs in by_task.values() for r in rs])
     # the rule labels the records were saved with (run.RULES at the time), in their order
     names = [*next(iter(by_task.values()))[0]["rules"][run.TRAIN]["rules"], "best on test (hindsight)"]
 

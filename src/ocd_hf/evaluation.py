@@ -397,8 +397,7 @@ def evaluate(
     task = c.task or "classification"
     classify = task == "classification"
     adapter = ocd.adapter
-    gen = torch.Generator(device=ocd.device).manual_seed(seed)
-    alt_gen = torch.Generator(device=ocd.device).manual_seed(seed)
+    gen, alt_gen = _generator(ocd, seed), _generator(ocd, seed)
     # the sampler rows: each step count, and the distilled student when the head has one; own generators
     samplers = {
         Row.ddim_steps(n): (c.replace(num_inference_steps=n, sampler="ddim"), _generator(ocd, seed))
