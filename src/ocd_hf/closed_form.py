@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from .buffers import current_pool
-from .capture import Conditioning, capture_layer
-from .conditioner import Conditioner, condition, keeps_raw, resolve_conditioner
+from .capture import Conditioning
+from .conditioner import Conditioner, first_pass, resolve_conditioner
 from .losses import check_per_sample
 from .modes import eval_mode
 from .per_sample import out_features
@@ -107,17 +107,18 @@ def closed_form_full(
 
     buffers = current_pool()
     with eval_mode(model), reuse_prefix(model, layer, reuse, ops=True) as prefix:
+
+        def forward() -> Any:
+            with prefix.replaying():
+                return forward_fn(model, inputs)
+
         handle = layer.register_forward_hook(hook)
         try:
             for k in range(1, steps + 1):
                 if k == 1:
-                    with capture_layer(layer, keep_raw=keeps_raw(conditioner)) as cap, prefix.replaying():
-                        out = forward_fn(model, inputs)
-                    cond = condition(conditioner, cap, out)
-                    cap.raw.clear()  # the raw activations are not needed past this pass
+                    out, cond, cap = first_pass(conditioner, layer, forward)
                 else:
-                    with prefix.replaying():
-                        out = forward_fn(model, inputs)
+                    out = forward()
                 losses = check_per_sample(loss_fn(out, targets), batch)
                 (d,) = torch.autograd.grad(losses.sum(), seen["y"], allow_unused=True)
                 d = torch.zeros(batch, out_features(layer), dtype=dtype, device=device) if d is None else d.to(dtype)

@@ -17,11 +17,12 @@ loading a head made with another conditioner refuses until the same one is passe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .capture import Captured, Conditioning, pool
+from .capture import Captured, Conditioning, capture_layer, pool
 
 DEFAULT_NAME = "mean"
 
@@ -121,6 +122,21 @@ def condition(conditioner: Conditioner, cap: Captured, model_output: Any) -> Con
                 f"tensor [B, d] with B = {batch}, the batch size."
             )
     return Conditioning(*(t.detach() for t in parts))
+
+
+def first_pass(
+    conditioner: Conditioner, layer: torch.nn.Module, forward: Callable[[], Any]
+) -> tuple[Any, Conditioning, Captured]:
+    """Run `forward()` once with `layer` captured: its output, I(x), and the capture (raw tensors dropped).
+
+    The first, unmodified pass of an overfitting loop: I(x) comes from it for free, and the output keeps
+    its graph for the loss. The raw activations are released here, since nothing needs them past I(x).
+    """
+    with capture_layer(layer, keep_raw=keeps_raw(conditioner)) as cap:
+        out = forward()
+    cond = condition(conditioner, cap, out)
+    cap.raw.clear()
+    return out, cond, cap
 
 
 def check_collection(made_by: str | None, conditioner: Conditioner) -> None:

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from .buffers import BufferPool, current_pool
-from .capture import Conditioning, capture_layer, pool
+from .capture import Conditioning, pool
 from .closed_form import ADAM_BETAS, closed_form_full, row_std
-from .conditioner import Conditioner, condition, keeps_raw, resolve_conditioner
+from .conditioner import Conditioner, first_pass, resolve_conditioner
 from .layers import is_hf_conv1d
 from .losses import LossFn, check_per_sample
 from .memory import LayerProbe, overfit_method
@@ -235,16 +235,17 @@ def overfit_batch(
             reuse_prefix(model, layer, reuse, ops=True) as prefix,
             per_sample_weights(layer, delta, delta_bias, input_factor="auto" if direct else None),
         ):
+
+            def forward() -> Any:
+                with prefix.replaying():
+                    return forward_fn(model, inputs)
+
             for step in range(steps):
                 if step == 0:
                     # Δ = 0 here, so this forward is the unmodified pass: I(x) comes from it for free.
-                    with capture_layer(layer, keep_raw=keeps_raw(conditioner)) as cap, prefix.replaying():
-                        out = forward_fn(model, inputs)
-                    cond = condition(conditioner, cap, out)
-                    cap.raw.clear()  # the raw activations are not needed past this pass
+                    out, cond, cap = first_pass(conditioner, layer, forward)
                 else:
-                    with prefix.replaying():
-                        out = forward_fn(model, inputs)
+                    out = forward()
                 losses = check_per_sample(loss_fn(out, targets), batch)
                 if step == 0:
                     loss_before = losses.detach()
