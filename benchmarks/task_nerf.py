@@ -515,7 +515,9 @@ def fit_scene(
         store = trainer.collect(splits["train"], deltas)
         trainer.train_head(store)
         out["calibration"] = {
-            k: v for k, v in trainer.calibrate(splits["val"]).items() if k in ("delta_scale", "gain_vs_base", "gain_se")
+            k: v
+            for k, v in trainer.calibrate(splits["val"]).items()
+            if k in ("delta_scale", "gain_vs_base", "gain_se", "rule", "min_gain_se")
         }
         report = evaluate(ocd, splits["test"], num_samples=5, seed=seed, batch_size=8, collection=store, progress=False)
     out["rows"] = {name: {"mse": r["rmse"] ** 2, "psnr": psnr(r["rmse"] ** 2)} for name, r in report.rows.items()}

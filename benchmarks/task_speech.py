@@ -471,7 +471,9 @@ def run_seed(
         "rows": scored["rows"],
         "cosine_to_oracle": scored["cosine_to_oracle"],
         "delta_scale": ocd.delta_scale,
-        "calibration": {k: calibration[k] for k in ("best", "gain_vs_base", "gain_se") if k in calibration},
+        "calibration": {
+            k: calibration[k] for k in ("best", "gain_vs_base", "gain_se", "rule", "min_gain_se") if k in calibration
+        },
         "sizes": {
             **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(sz).items()},
             "sample_rate": SAMPLE_RATE,
@@ -519,6 +521,16 @@ def command_line(counts: list[int], seeds: list[int], quick: bool) -> str:
     return cmd + (" --quick" if quick else "")
 
 
+def _rule(groups: dict[int, list[dict]]) -> str:
+    """The calibration rule the runs used, as the records say (older records did not keep it)."""
+    ks = {r["calibration"].get("min_gain_se") for runs in groups.values() for r in runs}
+    if ks == {None}:
+        return "The runs did not record their calibration rule."
+    if len(ks) > 1:
+        return f"The runs used different calibration rules (min_gain_se {sorted(ks, key=str)}): rerun with --force."
+    return f"delta_scale kept the best grid value only when its gain on validation was ≥ {ks.pop():g} standard errors."
+
+
 def _summary(groups: dict[int, list[dict]]) -> list[str]:
     from .stats import fmt, mean_sd
 
@@ -537,7 +549,7 @@ def _summary(groups: dict[int, list[dict]]) -> list[str]:
         "mean-delta control has the higher mean (named). The last columns are per-seed differences to the base "
         "model, mean ± SD (seeds where the row beat base by more than 1e-4 dB): OCD as shipped (calibrated delta_scale, 0 = off) and "
         "one OCD draw at delta_scale 1. Wall and CPU time (process_time, all threads of the process) are per "
-        "seed, in seed order.",
+        "seed, in seed order. " + _rule(groups),
         "",
         "| sources | seeds | base | OCD | oracle | best rival | OCD − base | OCD at scale 1 − base "
         "| oracle − base | wall per seed (s) | CPU per seed (s) |",
