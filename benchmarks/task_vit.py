@@ -239,7 +239,9 @@ def markdown(records: list[dict], command: str) -> str:
         "",
         f"Command: `{command}`; seeds {seeds}; {datetime.now(timezone.utc):%Y-%m-%d} UTC; torch {torch.__version__}, "
         f"Python {platform.python_version()}, 1 thread. Mean ± SD over seeds; lower is better for cross-entropy and ECE. "
-        "OCD rows use each head's delta_scale chosen on the validation split (0 = switched off); "
+        "OCD rows use each head's delta_scale chosen on the validation split (0 = switched off"
+        + calibration_rule(records)
+        + "); "
         '"oracle" rows overfit on the *test* label (upper bounds, not methods).',
         "",
         f"Model: {first['sizes']['model']} ({first['sizes']['parameters']:,} parameters), trained from scratch "
@@ -277,6 +279,18 @@ def markdown(records: list[dict], command: str) -> str:
 def run_path(runs_dir: str | Path, seed: int, quick: bool) -> Path:
     """Where one seed's record is saved (quick runs apart from full ones)."""
     return Path(runs_dir) / f"{TASK}{'-quick' if quick else ''}-seed{seed}.json"
+
+
+def calibration_rule(records: list[dict]) -> str:
+    """', best value kept at >= k standard errors of gain' from the records (empty when they lack it)."""
+    ks = {c.get("min_gain_se") for r in records for c in r["calibration"].values()}
+    if None in ks or not ks:
+        return ""
+    return (
+        ", the best grid value kept only when its validation gain was ≥ "
+        + " or ".join(f"{k:g}" for k in sorted(ks))
+        + " standard errors"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
