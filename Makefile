@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint docs bench bench-ideas bench-quick clean
+.PHONY: install demo test test-all lint docs bench bench-ideas bench-quick trials clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -57,6 +57,11 @@ bench-ideas: $(STAMP)
 bench-quick: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.paper_tables --quick --data-root $(DATA) --out-dir build/bench-quick --runs-dir build/bench-quick/runs --force
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.speed --quick --out-dir build/bench-quick
+
+# What a new user gets: the README's MiniLM snippet and every example, each run as written from a cold start
+# and timed (wall, CPU, load) into docs/results/user_trials.md; resumes from build/user-trials (--force reruns)
+trials: $(STAMP)
+	$(BIN)/python -m benchmarks.user_trials --data-root $(DATA)
 
 clean:
 	rm -rf $(VENV) build site *.egg-info src/*.egg-info

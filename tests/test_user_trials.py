@@ -42,3 +42,37 @@ def test_timm_example_quick_random_init_calibrates_and_saves(tmp_path, capsys):
     assert "64 train / 32 validation / 32 test images at 32px" in out
     assert "calibrated (delta_scale" in out and "| OCD x5 |" in out
     assert (head / "ocd_head.safetensors").exists()
+
+
+def test_user_trials_run_the_readme_snippet_as_written(tmp_path):
+    """benchmarks.user_trials reads the MiniLM snippet out of README.md: its edits must still apply."""
+    from benchmarks import user_trials
+
+    every = user_trials.trials(tmp_path)
+    assert len({t.name for t in every}) == len(every)
+    for t in every:
+        if t.readme_edit is not None:
+            code = user_trials.readme_snippet(tmp_path, t.readme_edit)
+            compile(code, t.name, "exec")  # the README's block is valid Python after the edits
+            assert f'"{tmp_path.as_posix()}/text/' in code and "../shared/data" not in code
+            assert all(new in code for _, new in t.readme_edit)
+    with pytest.raises(SystemExit, match="no longer contains 'layer=\"nowhere\"'"):
+        user_trials.readme_snippet(tmp_path, (('layer="nowhere"', "x"),))
+
+
+def test_user_trials_time_a_process_and_record_its_outcome(tmp_path):
+    """A trial runs as its own process under a cap: exit status, timeout and output tail are recorded."""
+    from benchmarks import user_trials
+
+    script = tmp_path / "t.py"
+    script.write_text("import sys, time\nprint('first')\nprint('last line')\nsys.exit(int(sys.argv[1]))\n")
+    ok = user_trials.run_trial(user_trials.Trial("ok", "exits 0", (str(script), "0")), tmp_path)
+    bad = user_trials.run_trial(user_trials.Trial("bad", "exits 3", (str(script), "3")), tmp_path)
+    assert ok["returncode"] == 0 and ok["last_lines"][-1] == "last line" and ok["wall_s"] >= 0
+    assert user_trials.outcome(ok) == "works" and user_trials.outcome(bad) == "failed (exit 3)"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(30)\n")
+    slow = user_trials.run_trial(user_trials.Trial("slow", "sleeps", (str(script),), timeout_s=2), tmp_path)
+    assert slow["timed_out"] and user_trials.outcome(slow) == "hit the 2 s cap" and slow["wall_s"] < 20
+    assert slow["stdout_tail"] == ["started"]  # what it printed before the cap is kept
+    md = user_trials.to_markdown([ok, bad, slow], "cmd")
+    assert md.count("\n| ") == 4 and "| bad | exits 3 |" in md
