@@ -720,11 +720,13 @@ def to_markdown(records: list[dict], command: str, compare: list[dict] | None = 
             f"| {label} | {fmt([r['rows'][label]['mse'] for r in records])} | "
             f"{fmt([r['rows'][label]['psnr'] for r in records])} |"
         )
-    lines += ["", "Per scene (MSE, mean ± SD over seeds):", "", "| row | " + " | ".join(records[0]["per_group"]) + " |"]
-    lines.append("|---|" + "---|" * len(records[0]["per_group"]))
-    for label in labels:
-        cells = [fmt([r["per_group"][s]["rows"][label]["mse"] for r in records]) for s in records[0]["per_group"]]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    scenes = list(records[0]["per_group"])
+    for metric, title in (("mse", "MSE"), ("psnr", "PSNR in dB")):
+        lines += ["", f"Per scene ({title}, mean ± SD over seeds):", "", "| row | " + " | ".join(scenes) + " |"]
+        lines.append("|---|" + "---|" * len(scenes))
+        for label in labels:
+            cells = [fmt([r["per_group"][s]["rows"][label][metric] for r in records]) for s in scenes]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     scales = {s: [r["per_group"][s]["delta_scale"] for r in records] for s in records[0]["per_group"]}
     lines += ["", "Calibrated delta_scale per scene and seed: " + json.dumps(scales)]
     if compare:
