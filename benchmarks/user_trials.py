@@ -65,6 +65,7 @@ def trials(data: Path) -> list[Trial]:
         "rating",
     )
     return [
+        Trial("demo", "`make demo` (`python -m ocd_hf.demo`: LeNet on digits, `fc2`)", ("-m", "ocd_hf.demo")),
         Trial("readme-minilm", "README MiniLM snippet as written (`classifier` 5x384)", readme_edit=()),
         Trial(
             "readme-minilm-auto-factored",
