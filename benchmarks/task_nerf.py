@@ -696,10 +696,14 @@ def to_markdown(records: list[dict], command: str, compare: list[dict] | None = 
         compare: records of the other conditioning (e.g. the mean pooling) for the seeds they share: adds a
             paired OCD comparison.
     """
-    from benchmarks.stats import fmt
+    from benchmarks.stats import fmt, mean_sd, paired, paired_verdict
 
     labels = list(records[0]["rows"])
     cond = records[0].get("conditioning", {"name": "mean", "f": "mean rendered colour"})
+    f_text = cond["f"]
+    if " from " in f_text:  # the encoder's file, without this machine's folders
+        f_text, path = f_text.rsplit(" from ", 1)
+        f_text = f_text.rstrip(",") + f", from `{Path(path).name}` under `--data-root`"
     lines = [
         "# TinyNeRF on rendered scenes (paper Tab. 3)",
         "",
@@ -707,8 +711,7 @@ def to_markdown(records: list[dict], command: str, compare: list[dict] | None = 
         f"seeds {[r['seed'] for r in records]}; per seed wall / CPU time: "
         + ", ".join(f"{r['wall_s']:.0f} s / {r['cpu_s']:.0f} s" for r in records),
         "",
-        f"Conditioning `{cond['name']}`: i_L, a_L {cond.get('i_L, a_L', 'mean over rays and samples')}; "
-        f"f: {cond['f']}.",
+        f"Conditioning `{cond['name']}`: i_L, a_L {cond.get('i_L, a_L', 'mean over rays and samples')}; f: {f_text}.",
         "",
         "Test views (held-out viewpoints) of 3 scenes; MSE and PSNR averaged over the scenes, then mean ± SD over seeds.",
         "",
@@ -720,6 +723,19 @@ def to_markdown(records: list[dict], command: str, compare: list[dict] | None = 
             f"| {label} | {fmt([r['rows'][label]['mse'] for r in records])} | "
             f"{fmt([r['rows'][label]['psnr'] for r in records])} |"
         )
+    mse = {label: (lambda r, label=label: r["rows"][label]["mse"]) for label in labels}
+    lines += ["", "OCD against the other rows, MSE paired per seed (`benchmarks.stats`; negative: OCD lower):", ""]
+    for other in labels:
+        if other not in ("OCD", "oracle, this layer (test label)") and not other.startswith(("OCD x", "OCD mean")):
+            lines.append("- " + paired_verdict(paired(records, mse["OCD"], mse[other]), "MSE", "OCD", other))
+    oracle = "oracle, this layer (test label)"
+    if oracle in mse:
+        share = [(mse["base"](r) - mse["OCD"](r)) / (mse["base"](r) - mse[oracle](r)) for r in records]
+        m, sd = mean_sd(share)
+        lines += [
+            "",
+            f"Share of the base-to-oracle MSE gap that OCD closes: {m:.0%} ± {sd:.0%} (per seed, then mean ± SD).",
+        ]
     scenes = list(records[0]["per_group"])
     for metric, title in (("mse", "MSE"), ("psnr", "PSNR in dB")):
         lines += ["", f"Per scene ({title}, mean ± SD over seeds):", "", "| row | " + " | ".join(scenes) + " |"]
@@ -729,6 +745,11 @@ def to_markdown(records: list[dict], command: str, compare: list[dict] | None = 
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     scales = {s: [r["per_group"][s]["delta_scale"] for r in records] for s in records[0]["per_group"]}
     lines += ["", "Calibrated delta_scale per scene and seed: " + json.dumps(scales)]
+    ks = {r["per_group"][s]["calibration"].get("min_gain_se") for r in records for s in scenes}
+    if None not in ks:
+        lines[-1] += (
+            f" (the best grid value kept when its validation gain was ≥ {' or '.join(map(str, sorted(ks)))} SE)."
+        )
     if compare:
         lines += comparison(records, compare)
     return "\n".join(lines) + "\n"
