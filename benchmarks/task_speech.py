@@ -523,7 +523,7 @@ def command_line(counts: list[int], seeds: list[int], quick: bool) -> str:
 
 def _rule(groups: dict[int, list[dict]]) -> str:
     """The calibration rule the runs used, as the records say (older records did not keep it)."""
-    ks = {r["calibration"].get("min_gain_se") for runs in groups.values() for r in runs}
+    ks = {r.get("calibration", {}).get("min_gain_se") for runs in groups.values() for r in runs}
     if ks == {None}:
         return "The runs did not record their calibration rule."
     if len(ks) > 1:

@@ -284,3 +284,27 @@ def test_scene_results_are_saved_and_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(tn, "fit_scene", no_refit)
     again = tn.run_seed(0, quick=True, conditioning="mean", scenes=["planes"], scene_dir=tmp_path)
     assert again["rows"] == first["rows"] and again["cpu_s"] == first["cpu_s"]
+
+
+def test_table_pairs_ocd_with_every_row_and_states_the_gap_share():
+    def record(seed, base, ocd, nn):
+        rows = {"base": base, "oracle, this layer (test label)": base - 0.01, "OCD": ocd, "OCD x5": ocd}
+        rows["nearest-neighbour delta"] = nn
+        rows = {k: {"mse": v, "psnr": tn.psnr(v)} for k, v in rows.items()}
+        cal = {"delta_scale": 1.0, "gain_vs_base": 0.001, "gain_se": 0.0005, "min_gain_se": 1.0}
+        return {
+            "seed": seed,
+            "rows": rows,
+            "per_group": {"planes": {"rows": rows, "delta_scale": 1.0, "calibration": cal}},
+            "wall_s": 1.0,
+            "cpu_s": 1.0,
+            "conditioning": {"name": "nerf", "f": "EfficientNet-Lite0 logits, from /somewhere/models/enc.pth"},
+        }
+
+    md = tn.to_markdown([record(0, 0.02, 0.015, 0.016), record(1, 0.03, 0.025, 0.0249)], "cmd")
+    assert "OCD is better than base: ΔMSE = -0.0050 ± 0.0000 (SD over 2 seeds; lower in 2/2)" in md
+    assert "OCD is no different (within noise) from nearest-neighbour delta" in md and "lower in 1/2" in md
+    assert "OCD is better than OCD x5" not in md and "from oracle" not in md  # ensembles and the oracle are not rivals
+    assert "gap that OCD closes: 50% ± 0% (per seed" in md
+    assert "≥ 1.0 SE" in md and "/somewhere" not in md and "`enc.pth` under `--data-root`" in md
+    assert "Per scene (PSNR in dB" in md

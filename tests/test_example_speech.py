@@ -238,3 +238,18 @@ def test_benchmark_summary_over_source_counts(tmp_path):
     assert "| 5 | 0 | 3.0000 | 3.5000 | 3.5000 |" in md
     # the five-source table comes before the others
     assert md.index("synthetic 5-source") < md.index("synthetic 2-source")
+    assert "did not record their calibration rule" in md
+
+    # the rule the runs used is stated; runs made under different rules are flagged
+    for r in runs:
+        r["calibration"] = {"min_gain_se": 1.0}
+    (tmp_path / "speech.json").write_text(json.dumps(runs))
+    main(["--render-only", "--out-dir", str(tmp_path)])
+    assert "gain on validation was ≥ 1 standard errors" in (tmp_path / "speech.md").read_text()
+    runs[0]["calibration"]["min_gain_se"] = 2.0
+    (tmp_path / "speech.json").write_text(json.dumps(runs))
+    main(["--render-only", "--out-dir", str(tmp_path)])
+    assert (
+        "different calibration rules (min_gain_se [1.0, 2.0]): rerun with --force"
+        in (tmp_path / "speech.md").read_text()
+    )
