@@ -283,7 +283,7 @@ def run_path(runs_dir: str | Path, seed: int, quick: bool) -> Path:
 
 def calibration_rule(records: list[dict]) -> str:
     """', best value kept at >= k standard errors of gain' from the records (empty when they lack it)."""
-    ks = {c.get("min_gain_se") for r in records for c in r["calibration"].values()}
+    ks = {c.get("min_gain_se") for r in records for c in r.get("calibration", {}).values()}
     if None in ks or not ks:
         return ""
     return (

@@ -200,3 +200,12 @@ def test_benchmark_quick_follows_the_interface(tmp_path):
             assert f"{row} [{layer}, {target}]" in rec["rows"]
     assert Row.BASE in rec["rows"] and rec["wall_s"] > 0
     assert (tmp_path / "vit.md").read_text().startswith("## ViT")
+
+
+def test_the_table_states_the_calibration_rule_the_records_used():
+    from benchmarks.task_vit import calibration_rule
+
+    two = [{"calibration": {"head, full": {"min_gain_se": 2.0}, "head, factored": {"min_gain_se": 2.0}}}]
+    assert calibration_rule(two) == ", the best grid value kept only when its validation gain was ≥ 2 standard errors"
+    assert calibration_rule([{"calibration": {"head, full": {}}}]) == ""  # older records: nothing claimed
+    assert calibration_rule([{}]) == ""
