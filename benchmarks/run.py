@@ -318,6 +318,7 @@ def run_one(name: str, seed: int, settings: RunSettings) -> dict[str, Any]:
                 validation=task.val,
                 train=task.train,
                 collection=store_body,
+                inference_steps=FEW_STEPS,
                 **ev,
             )
             add(rep_body, BODY, body_rows(rep_body.rows), only_renamed=True)

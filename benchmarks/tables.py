@@ -80,6 +80,7 @@ def body_table_rows() -> list[str]:
             Row.MEAN_DELTA,
             Row.PREDICTED_LABEL,
             Row.PREDICTED_LABEL_CALIBRATED,
+            *(Row.ddim_steps(n) for n in run.FEW_STEPS),
         )
     ]
 
