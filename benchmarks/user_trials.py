@@ -194,7 +194,7 @@ def run_trial(trial: Trial, data: Path) -> dict:
         "cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
         "load_before": round(load_before, 2),
         "load_after": round(os.getloadavg()[0], 2),
-        "stdout_tail": out.splitlines()[-25:],
+        "stdout_tail": out.splitlines()[-60:],
         "last_lines": lines[-6:],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
