@@ -47,6 +47,7 @@ class Trial:
     timeout_s: int = 600
     env: dict[str, str] = field(default_factory=dict)
     launcher: tuple[str, ...] = ()  # e.g. torchrun in place of `python`
+    expect: str | None = None  # a line the run must print to count as working (e.g. the process count)
 
 
 def trials(data: Path) -> list[Trial]:
@@ -83,6 +84,7 @@ def trials(data: Path) -> list[Trial]:
             "README 2-process CPU command (torchrun, gloo)",
             ("examples/setfit_ocd.py", "--quick", *offline_setfit),
             env={"ACCELERATE_USE_CPU": "true"},
+            expect="2 process(es), MULTI_CPU",
             launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
         ),
         Trial(
@@ -188,6 +190,8 @@ def run_trial(trial: Trial, data: Path) -> dict:
         if trial.readme_edit is None
         else ["-c", "<README MiniLM snippet>", *map(list, trial.readme_edit)],
         "returncode": rc,
+        "expected": trial.expect,
+        "expected_found": trial.expect is None or trial.expect in out,
         "timed_out": rc is None,
         "timeout_s": trial.timeout_s,
         "wall_s": round(wall, 1),
@@ -203,7 +207,9 @@ def run_trial(trial: Trial, data: Path) -> dict:
 def outcome(rec: dict) -> str:
     if rec["timed_out"]:
         return f"hit the {rec['timeout_s']} s cap"
-    return "works" if rec["returncode"] == 0 else f"failed (exit {rec['returncode']})"
+    if rec["returncode"] != 0:
+        return f"failed (exit {rec['returncode']})"
+    return "works" if rec.get("expected_found", True) else f"exit 0, but it did not print {rec['expected']!r}"
 
 
 def to_markdown(records: list[dict], command: str) -> str:
@@ -222,7 +228,8 @@ def to_markdown(records: list[dict], command: str) -> str:
         "|---|---|---:|---:|---|---|---|",
     ]
     for r in records:
-        last = (r["last_lines"] or [""])[-1].replace("|", "\\|")
+        said = [ln for ln in r["stdout_tail"] if ln.strip()] if r["returncode"] == 0 else []
+        last = ((said or r["last_lines"] or [""])[-1]).replace("|", "\\|")  # stdout's last word, else stderr's
         last = last if len(last) <= 120 else last[:117] + "..."
         md.append(
             f"| {r['name']} | {r['what']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "

@@ -70,6 +70,10 @@ def test_user_trials_time_a_process_and_record_its_outcome(tmp_path):
     bad = user_trials.run_trial(user_trials.Trial("bad", "exits 3", (str(script), "3")), tmp_path)
     assert ok["returncode"] == 0 and ok["last_lines"][-1] == "last line" and ok["wall_s"] >= 0
     assert user_trials.outcome(ok) == "works" and user_trials.outcome(bad) == "failed (exit 3)"
+    seen = user_trials.run_trial(user_trials.Trial("seen", "", (str(script), "0"), expect="first"), tmp_path)
+    unseen = user_trials.run_trial(user_trials.Trial("unseen", "", (str(script), "0"), expect="2 process"), tmp_path)
+    assert user_trials.outcome(seen) == "works"
+    assert user_trials.outcome(unseen) == "exit 0, but it did not print '2 process'"
     script.write_text("import time\nprint('started', flush=True)\ntime.sleep(30)\n")
     slow = user_trials.run_trial(user_trials.Trial("slow", "sleeps", (str(script),), timeout_s=2), tmp_path)
     assert slow["timed_out"] and user_trials.outcome(slow) == "hit the 2 s cap" and slow["wall_s"] < 20
