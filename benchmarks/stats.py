@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 # a per-seed difference below this is rounding (e.g. an ensemble of identical draws), not a difference
 TIE = 1e-7
@@ -69,3 +69,13 @@ def paired_verdict(p: dict[str, float], metric: str, what: str, than: str) -> st
         f"{what} is {word} {than}: Δ{metric} = {p['mean']:+.4f} ± {p['sd']:.4f} "
         f"(SD over {p['n']} seeds; lower in {p['lower_in']}/{p['n']})"
     )
+
+
+def calibration_rule(ks: Iterable[float | None]) -> str:
+    """How calibration kept delta_scale, from the records' `min_gain_se` values ("" when a record lacks it)."""
+    ks = set(ks)
+    if not ks or None in ks:
+        return ""
+    if len(ks) > 1:
+        return f"the runs used different calibration rules (min_gain_se {sorted(ks)}): rerun them with --force"
+    return f"the best grid value kept only when its validation gain was ≥ {ks.pop():g} standard errors"

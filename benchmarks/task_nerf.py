@@ -696,7 +696,7 @@ def to_markdown(records: list[dict], command: str, compare: list[dict] | None = 
         compare: records of the other conditioning (e.g. the mean pooling) for the seeds they share: adds a
             paired OCD comparison.
     """
-    from benchmarks.stats import fmt, mean_sd, paired, paired_verdict
+    from benchmarks.stats import calibration_rule, fmt, mean_sd, paired, paired_verdict
 
     labels = list(records[0]["rows"])
     cond = records[0].get("conditioning", {"name": "mean", "f": "mean rendered colour"})
@@ -745,11 +745,8 @@ def to_markdown(records: list[dict], command: str, compare: list[dict] | None = 
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     scales = {s: [r["per_group"][s]["delta_scale"] for r in records] for s in records[0]["per_group"]}
     lines += ["", "Calibrated delta_scale per scene and seed: " + json.dumps(scales)]
-    ks = {r["per_group"][s]["calibration"].get("min_gain_se") for r in records for s in scenes}
-    if None not in ks:
-        lines[-1] += (
-            f" (the best grid value kept when its validation gain was ≥ {' or '.join(map(str, sorted(ks)))} SE)."
-        )
+    rule = calibration_rule(r["per_group"][s]["calibration"].get("min_gain_se") for r in records for s in scenes)
+    lines[-1] += f" ({rule})." if rule else ""
     if compare:
         lines += comparison(records, compare)
     return "\n".join(lines) + "\n"

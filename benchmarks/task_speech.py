@@ -523,12 +523,10 @@ def command_line(counts: list[int], seeds: list[int], quick: bool) -> str:
 
 def _rule(groups: dict[int, list[dict]]) -> str:
     """The calibration rule the runs used, as the records say (older records did not keep it)."""
-    ks = {r.get("calibration", {}).get("min_gain_se") for runs in groups.values() for r in runs}
-    if ks == {None}:
-        return "The runs did not record their calibration rule."
-    if len(ks) > 1:
-        return f"The runs used different calibration rules (min_gain_se {sorted(ks, key=str)}): rerun with --force."
-    return f"delta_scale kept the best grid value only when its gain on validation was ≥ {ks.pop():g} standard errors."
+    from .stats import calibration_rule
+
+    text = calibration_rule(r.get("calibration", {}).get("min_gain_se") for runs in groups.values() for r in runs)
+    return f"delta_scale: {text}." if text else "The runs did not record their calibration rule."
 
 
 def _summary(groups: dict[int, list[dict]]) -> list[str]:

@@ -45,7 +45,7 @@ from ocd_hf.evaluation import Row
 
 from .data import FASHION_DIR, image_dataset, read_idx, split_indices
 from .models import fit_torch, preserved_rng
-from .stats import fmt, paired, paired_verdict
+from .stats import calibration_rule, fmt, paired, paired_verdict
 from .tables import atomic_write
 
 TASK = "vit"
@@ -234,13 +234,14 @@ def markdown(records: list[dict], command: str) -> str:
     """Mean ± SD over seeds, one row per row label, one column per metric."""
     seeds = [r["seed"] for r in records]
     first = records[0]
+    rule = calibration_rule(c.get("min_gain_se") for r in records for c in r.get("calibration", {}).values())
     lines = [
         f"## ViT (DeiT-Tiny width) on Fashion-MNIST, OCD on the classifier and on an encoder MLP layer ({len(seeds)} seeds)",
         "",
         f"Command: `{command}`; seeds {seeds}; {datetime.now(timezone.utc):%Y-%m-%d} UTC; torch {torch.__version__}, "
         f"Python {platform.python_version()}, 1 thread. Mean ± SD over seeds; lower is better for cross-entropy and ECE. "
         "OCD rows use each head's delta_scale chosen on the validation split (0 = switched off"
-        + calibration_rule(records)
+        + (", " + rule if rule else "")
         + "); "
         '"oracle" rows overfit on the *test* label (upper bounds, not methods).',
         "",
@@ -279,18 +280,6 @@ def markdown(records: list[dict], command: str) -> str:
 def run_path(runs_dir: str | Path, seed: int, quick: bool) -> Path:
     """Where one seed's record is saved (quick runs apart from full ones)."""
     return Path(runs_dir) / f"{TASK}{'-quick' if quick else ''}-seed{seed}.json"
-
-
-def calibration_rule(records: list[dict]) -> str:
-    """', best value kept at >= k standard errors of gain' from the records (empty when they lack it)."""
-    ks = {c.get("min_gain_se") for r in records for c in r.get("calibration", {}).values()}
-    if None in ks or not ks:
-        return ""
-    return (
-        ", the best grid value kept only when its validation gain was ≥ "
-        + " or ".join(f"{k:g}" for k in sorted(ks))
-        + " standard errors"
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -306,5 +306,9 @@ def test_table_pairs_ocd_with_every_row_and_states_the_gap_share():
     assert "OCD is no different (within noise) from nearest-neighbour delta" in md and "lower in 1/2" in md
     assert "OCD is better than OCD x5" not in md and "from oracle" not in md  # ensembles and the oracle are not rivals
     assert "gap that OCD closes: 50% ± 0% (per seed" in md
-    assert "≥ 1.0 SE" in md and "/somewhere" not in md and "`enc.pth` under `--data-root`" in md
+    assert (
+        "(the best grid value kept only when its validation gain was ≥ 1 standard errors)." in md
+        and "/somewhere" not in md
+        and "`enc.pth` under `--data-root`" in md
+    )
     assert "Per scene (PSNR in dB" in md

@@ -245,11 +245,14 @@ def test_benchmark_summary_over_source_counts(tmp_path):
         r["calibration"] = {"min_gain_se": 1.0}
     (tmp_path / "speech.json").write_text(json.dumps(runs))
     main(["--render-only", "--out-dir", str(tmp_path)])
-    assert "gain on validation was ≥ 1 standard errors" in (tmp_path / "speech.md").read_text()
+    assert (
+        "delta_scale: the best grid value kept only when its validation gain was ≥ 1 standard errors."
+        in (tmp_path / "speech.md").read_text()
+    )
     runs[0]["calibration"]["min_gain_se"] = 2.0
     (tmp_path / "speech.json").write_text(json.dumps(runs))
     main(["--render-only", "--out-dir", str(tmp_path)])
     assert (
-        "different calibration rules (min_gain_se [1.0, 2.0]): rerun with --force"
+        "different calibration rules (min_gain_se [1.0, 2.0]): rerun them with --force"
         in (tmp_path / "speech.md").read_text()
     )
