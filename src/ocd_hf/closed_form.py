@@ -116,7 +116,7 @@ def closed_form_full(
         try:
             for k in range(1, steps + 1):
                 if k == 1:
-                    out, cond, cap = first_pass(conditioner, layer, forward)
+                    out, cond, _ = first_pass(conditioner, layer, forward)
                 else:
                     out = forward()
                 losses = check_per_sample(loss_fn(out, targets), batch)
